@@ -44,7 +44,7 @@ if [ -z "$only" ] || [ "$only" = jittor ]; then
   make_env jittor jittor jittor-offline "numpy<2"
   # Pre-warm Jittor's compile cache (first import compiles jittor_core, ~2.5 min on 2 cores).
   echo "[setup] warming Jittor compile cache (first time: a few minutes)"
-  "$venvs/jittor/bin/python" -c "from backends.jittor_impl._jt import jt; import numpy as np; print('[setup] jittor', jt.__version__, 'ok')" \
-    || { echo "[setup] Jittor failed to import in $venvs/jittor" >&2; exit 1; }
+  ( cd "$here" && "$venvs/jittor/bin/python" -c "from backends.jittor_impl.framework import jt; print('[setup] jittor', jt.__version__, 'ok')" ) \
+    || { echo "[setup] Jittor failed to import in $venvs/jittor (rerun with JITTOR_VERBOSE=1 for details)" >&2; exit 1; }
 fi
 "$venvs/torch/bin/python" -c "import torch; print('[setup] torch', torch.__version__, 'ok')" 2>/dev/null || true

@@ -1,0 +1,1 @@
+"""rtdetr-parity harness: runs each backend in its own environment, compares, reports."""

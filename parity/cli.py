@@ -1,0 +1,113 @@
+"""``parity`` command line: run, report, spec, detect, bench.
+
+User mistakes end with a one-line message on stderr and exit code 2 (never a traceback);
+a failed threshold ends with exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from rtdetr_core.config import ConfigError, available_presets, load_config
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit 2."""
+
+
+def _cmd_spec(args: argparse.Namespace) -> int:
+    from rtdetr_core.param_spec import param_spec, spec_totals
+
+    cfg = load_config(args.config)
+    entries = param_spec(cfg)
+    totals = spec_totals(entries)
+    if args.json:
+        out = {
+            "config": cfg.name,
+            "config_digest": cfg.digest(),
+            "totals": totals,
+            "keys": [{"key": e.name, "shape": list(e.shape), "dtype": e.dtype, "kind": e.kind,
+                      "trainable": e.trainable} for e in entries],
+        }
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    w = max(len(e.name) for e in entries)
+    for e in entries:
+        kind = e.kind if e.kind == "buffer" else ("param" if e.trainable else "param(frozen)")
+        print(f"{e.name:<{w}}  {str(list(e.shape)):<20} {e.dtype:<8} {kind}")
+    print()
+    for k, v in totals.items():
+        print(f"{k:<28} {v:>14,}")
+    return EXIT_OK
+
+
+def _not_implemented(what: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"parity {what}: not implemented yet", file=sys.stderr)
+        return EXIT_USAGE
+    return run
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from parity.runner import run_stage
+    except ImportError:
+        return _not_implemented(f"run --stage {args.stage}")(args)
+    return run_stage(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("spec", help="print the parameter spec (the state_dict contract) of a config")
+    sp.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML path")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=_cmd_spec)
+
+    rp = sub.add_parser("run", help="run a parity stage in both environments and compare")
+    rp.add_argument("--stage", required=True, choices=["forward", "grad", "train", "eval"])
+    rp.add_argument("--config", default="smoke", help="preset or YAML path (default: smoke)")
+    rp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    rp.add_argument("--data", default=None, help="COCO folder (default: the bundled synthetic set)")
+    rp.add_argument("--weights", default=None, help="weights file (default: seeded init)")
+    rp.add_argument("--batch-size", type=int, default=None)
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--out", default=None, help="output folder (default reports/runs/<time>-<stage>-<config>)")
+    rp.add_argument("--torch-python", default=None, help="interpreter of the PyTorch environment")
+    rp.add_argument("--jittor-python", default=None, help="interpreter of the Jittor environment")
+    rp.add_argument("--share-decisions", action="store_true",
+                    help="feed PyTorch's top-k selection and matches to the Jittor side")
+    rp.add_argument("--no-reference", action="store_true", help="skip the float64 noise-floor reference")
+    rp.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
+    rp.set_defaults(func=_cmd_run)
+
+    for name, helptext in (("report", "render run folders into report.md/json + plots"),
+                           ("detect", "run both backends on images and draw their detections"),
+                           ("bench", "speed and memory of both backends side by side")):
+        xp = sub.add_parser(name, help=helptext)
+        xp.add_argument("rest", nargs=argparse.REMAINDER)
+        xp.set_defaults(func=_not_implemented(name))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
