@@ -1,0 +1,14 @@
+"""Data pipeline of rtdetr-parity (numpy + Pillow + pycocotools only).
+
+* :mod:`.coco` — ``CocoDetection`` (COCO-format reader, official validation transform),
+  ``open_split`` (real COCO layout), ``DataError``;
+* :mod:`.categories` — ``CategoryMap`` (category ids ⇄ labels 0..K-1), COCO's 80 ids;
+* :mod:`.synthetic` — the bundled synthetic dataset (``ensure_synthetic_dataset``, ``describe``);
+* :mod:`.loader` — seeded epoch order, batching, multi-scale and denoising draws.
+"""
+from .categories import COCO_CATEGORIES, COCO_CATEGORY_IDS, CategoryMap  # noqa: F401
+from .coco import CocoDetection, find_split, load_coco, load_coco_json, open_split  # noqa: F401
+from .errors import DataError  # noqa: F401
+from .loader import BatchLoader, collate, iterate_batches, loader_from_config  # noqa: F401
+from .synthetic import (SYNTHETIC_CATEGORIES, describe, ensure_synthetic_dataset,  # noqa: F401
+                        generate_synthetic_dataset)
