@@ -53,12 +53,32 @@ def _not_implemented(what: str):
     return run
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+# Stage modules own their logic; the CLI only dispatches.  Each module may define
+# ``add_run_arguments(parser)`` (extra ``parity run`` options) and must define ``run(args) -> int``.
+STAGE_MODULES = {"forward": "parity.runner", "grad": "parity.runner",
+                 "train": "parity.train_stage", "eval": "parity.eval_stage"}
+# Other sub-commands: module with ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMAND_MODULES = {"report": ("parity.report", "render run folders into report.md/json + plots"),
+                   "detect": ("parity.detect", "run both backends on images and draw their detections"),
+                   "bench": ("parity.bench", "speed and memory of both backends side by side")}
+
+
+def _import(modname: str):
+    import importlib
     try:
-        from parity.runner import run_stage
-    except ImportError:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name == modname:
+            return None
+        raise
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    mod = _import(STAGE_MODULES[args.stage])
+    fn = None if mod is None else (getattr(mod, "run", None) or getattr(mod, "run_stage", None))
+    if fn is None:
         return _not_implemented(f"run --stage {args.stage}")(args)
-    return run_stage(args)
+    return fn(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,12 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
     rp.set_defaults(func=_cmd_run)
 
-    for name, helptext in (("report", "render run folders into report.md/json + plots"),
-                           ("detect", "run both backends on images and draw their detections"),
-                           ("bench", "speed and memory of both backends side by side")):
+    for modname in sorted(set(STAGE_MODULES.values())):
+        mod = _import(modname)
+        if mod is not None and hasattr(mod, "add_run_arguments"):
+            mod.add_run_arguments(rp)
+
+    for name, (modname, helptext) in COMMAND_MODULES.items():
         xp = sub.add_parser(name, help=helptext)
-        xp.add_argument("rest", nargs=argparse.REMAINDER)
-        xp.set_defaults(func=_not_implemented(name))
+        mod = _import(modname)
+        if mod is None:
+            xp.add_argument("rest", nargs=argparse.REMAINDER)
+            xp.set_defaults(func=_not_implemented(name))
+        else:
+            mod.add_arguments(xp)
+            xp.set_defaults(func=mod.run)
     return p
 
 
