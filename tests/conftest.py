@@ -45,6 +45,7 @@ def golden():
     return np.load(os.path.join(DATA, "official_golden.npz"))
 
 
+@pytest.hookimpl(trylast=True)   # after -m deselection: judge only what will run
 def pytest_collection_modifyitems(config, items):
     # A framework-marked test selected in an interpreter without that framework is a
     # misconfigured run, not something to skip quietly: stop the run and say so.
