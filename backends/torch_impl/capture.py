@@ -1,0 +1,50 @@
+"""Named intermediates: ``record(name, tensor)`` calls sit in the forward code and cost
+nothing unless a :class:`Recorder` is active.  The names are the contract's (see
+backends/README.md), so the first diverging name tells which module broke parity."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List
+
+import numpy as np
+
+from .framework import to_numpy
+
+_ACTIVE: List["Recorder"] = []
+
+
+class Recorder:
+    """Context manager collecting recorded tensors in forward order.
+
+    with Recorder() as rec:
+        model(x)
+    rec.numpy()  # OrderedDict[name -> np.ndarray]
+    """
+
+    def __init__(self) -> None:
+        self.tensors: "OrderedDict[str, object]" = OrderedDict()
+
+    def __enter__(self) -> "Recorder":
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+
+    def add(self, name: str, tensor) -> None:
+        # clone: later in-place ops (inplace activations) must not alter what was seen
+        self.tensors[name] = tensor.detach().clone()
+
+    def numpy(self) -> "OrderedDict[str, np.ndarray]":
+        return OrderedDict((k, to_numpy(v)) for k, v in self.tensors.items())
+
+
+def active() -> bool:
+    """True while a Recorder is collecting (lets callers skip work done only for capture)."""
+    return bool(_ACTIVE)
+
+
+def record(name: str, tensor) -> None:
+    """Store ``tensor`` under ``name`` in the innermost active recorder, if any."""
+    if _ACTIVE:
+        _ACTIVE[-1].add(name, tensor)
