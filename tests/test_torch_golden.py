@@ -286,3 +286,42 @@ def test_step_r50vd(r50, r50_train, golden):
     assert np.all(np.abs(ds - ref_s) <= tol_s), np.max(np.abs(ds - ref_s) / tol_s)
     for n in golden["train_r50vd_frozen_names"]:          # frozen stem convs did not move
         np.testing.assert_array_equal(new[str(n)], w[str(n)])
+
+
+# --- gradient norms judged against float32's own noise ---------------------------------------
+@pytest.mark.parametrize("preset", ["r18vd", pytest.param("r50vd", marks=pytest.mark.slow)])
+def test_grad_norms_at_official_float32_noise(preset, golden, batch):
+    """Our float32 gradients are as close to the exact (float64) values as the official
+    float32 ones are.
+
+    The official gradients were computed in float32 on another CPU (different conv kernels:
+    this machine has AVX2 only; inter_r18vd's backbone is 37 % bit-equal), so a per-tensor
+    1e-4 match is out of reach where float32 itself is noisier than that (BN batch
+    statistics, grid_sample kinks).  Instead, with our float64 run as the exact value:
+    * no systematic offset: official32 vs ours64 has median relative error <= 1e-4;
+    * same noise: the 50/90/99th percentiles of |ours32 - ours64| / |g| are at most 2x those
+      of |official32 - ours64| / |g| (measured r18vd: 1.9e-5/1.0e-4/9.5e-4 vs 1.9e-5/1.1e-4/1.9e-3);
+    * every norm within 5e-3 relative of the official one.
+    A real bug (wrong formula, missing term) moves norms far beyond float32 noise.
+    """
+    images, targets = batch
+    w = seeded_weights(preset, 3)
+    norms = {}
+    for dt in ("float32", "float64"):
+        a = Adapter(preset, dtype=dt)
+        a.load_weights(w)
+        res = a.loss(images.astype(dt), targets, draws_of(golden, preset), backward=True)
+        norms[dt] = {n: float(np.linalg.norm(g.astype(np.float64))) for n, g in res["grads"].items()}
+    P = f"train_{preset}_"
+    names = [str(n) for n in golden[P + "grad_names"]]
+    keep = np.array([n not in NOISE_GRADS for n in names])     # true value 0: relative error meaningless
+    ref = golden[P + "grad_norms"][keep]
+    ours32 = np.array([norms["float32"][n] for n in names])[keep]
+    ours64 = np.array([norms["float64"][n] for n in names])[keep]
+    e_official = np.abs(ref - ours64) / ref
+    e_ours = np.abs(ours32 - ours64) / ref
+    assert np.median(e_official) <= 1e-4, np.median(e_official)
+    for q in (50, 90, 99):
+        assert np.percentile(e_ours, q) <= 2 * np.percentile(e_official, q), \
+            (q, np.percentile(e_ours, q), np.percentile(e_official, q))
+    assert np.max(np.abs(ours32 - ref) / ref) <= 5e-3
