@@ -1,0 +1,399 @@
+"""The one place where Jittor's differences from PyTorch are handled.
+
+Every measured parity pitfall of ``/work/shared/notes/jittor_pitfalls.md`` that RT-DETR
+touches is dealt with here, and every other file of this backend uses these helpers
+instead of the raw Jittor call.  Each helper has its own test against recorded PyTorch
+values (tests/test_jittor_pitfalls.py, data in tests/data/pitfalls/).
+
+Import guard (must run before anything else imports jittor):
+  * ``nvcc_path=""`` when no GPU driver is present: otherwise Jittor finds nvcc, takes the
+    CUDA path and ``import jittor`` fails on libcudart.
+  * op kernels are built with ``-O2`` instead of ``-Ofast``: fast-math breaks NaN checks,
+    flushes denormals and reassociates sums (log_softmax off by 3e-5 at large logits).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def _cuda_usable() -> bool:
+    """A GPU driver (libcuda) is present (nvcc and libcudart may exist without one)."""
+    for name in ("libcuda.so.1", ctypes.util.find_library("cuda")):
+        if name:
+            try:
+                ctypes.CDLL(name)
+                return True
+            except OSError:
+                pass
+    return False
+
+
+if "jittor" not in sys.modules and "nvcc_path" not in os.environ and not _cuda_usable():
+    os.environ["nvcc_path"] = ""          # CPU only: keep Jittor off the CUDA path
+import jittor as jt  # noqa: E402
+from jittor import nn  # noqa: E402
+
+jt.flags.cc_flags = jt.flags.cc_flags.replace("-Ofast", "-O2")   # IEEE kernels, like torch
+
+NAME = "jittor"
+DTYPES = {"float32": jt.float32, "float64": jt.float64}
+
+
+def get_dtype(name: str):
+    """'float32' | 'float64' -> Jittor dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r} (float32, float64)")
+    return DTYPES[name]
+
+
+def set_device(device: str) -> None:
+    """'cpu' or 'cuda' (global in Jittor: ``jt.flags.use_cuda``)."""
+    if device == "cuda":
+        if not jt.has_cuda:
+            raise RuntimeError("device='cuda' requested but this Jittor has no CUDA support")
+        jt.flags.use_cuda = 1
+    elif device == "cpu":
+        jt.flags.use_cuda = 0
+    else:
+        raise ValueError(f"unknown device {device!r} (cpu, cuda)")
+
+
+def from_numpy(a, dtype: Optional[str] = None, device: str = "cpu") -> jt.Var:
+    """numpy -> Var keeping float64 (auto_convert_64_to_32 would make it float32 silently);
+    ``dtype`` casts floating arrays; ``device`` is global in Jittor.  Integer arrays become
+    int32, Jittor's index type (checked to fit: int64 would wrap silently)."""
+    a = np.asarray(a)
+    if dtype is not None and a.dtype.kind == "f":
+        return jt.array(a.astype(dtype), dtype=dtype)
+    if a.dtype.kind in "iu":
+        if a.size and (a.max() > np.iinfo(np.int32).max or a.min() < np.iinfo(np.int32).min):
+            raise OverflowError("integer values do not fit int32 (Jittor index type)")
+        return jt.array(a.astype(np.int32))
+    if a.dtype == np.bool_:
+        return jt.array(a)
+    return jt.array(a, dtype=str(a.dtype))
+
+
+def constant(a, dtype: Optional[str] = None) -> jt.Var:
+    """A Var that never receives gradients (anchors, masks, targets)."""
+    return from_numpy(a, dtype).stop_grad()
+
+
+def to_numpy(v) -> np.ndarray:
+    return v.numpy() if isinstance(v, jt.Var) else np.asarray(v)   # (copies; syncs the graph)
+
+
+def set_training(module: nn.Module, mode: bool = True) -> nn.Module:
+    """Flip train/eval on every sub-module WITHOUT touching gradients.
+
+    Jittor's ``Module.eval()`` stop-grads every parameter (and ``train()`` re-enables the
+    ones it saw first), so eval-mode gradients would be zeros and parameters frozen while
+    in eval would thaw.  torch's ``train(mode)`` only sets the flag: so does this."""
+    def cb(parents, k, m, n):
+        m.is_train = bool(mode)
+    module.dfs([], None, cb, None)
+    return module
+
+
+def freeze(v: jt.Var) -> jt.Var:
+    """Exclude a Var from autograd and from the optimiser (torch: requires_grad=False).
+    Jittor's ``module.requires_grad_(False)`` only zeroes grads and AdamW still decays."""
+    v.stop_grad()
+    return v
+
+
+def is_trainable(v: jt.Var) -> bool:
+    return not v.is_stop_grad()
+
+
+def update_(v: jt.Var, new: jt.Var) -> None:
+    """In-place value replacement that keeps v's trainable/frozen state.  ``Var.update``
+    copies the flag of ``new`` (updating a parameter with a detached value froze it)."""
+    frozen = v.is_stop_grad()
+    v.update(new.detach())
+    v.stop_grad() if frozen else v.start_grad()
+
+
+def assign(v: jt.Var, a: np.ndarray, dtype: str) -> None:
+    """In-place load of ``a`` into ``v`` as ``dtype``.  ``Var.update`` adopts the array's
+    dtype (int64 -> int32, float16 stays float16): the caller casts and validates first."""
+    update_(v, from_numpy(np.asarray(a), dtype))
+
+
+class _Sigmoid(jt.Function):
+    """Stable sigmoid, torch's gradient y (1 - y).  Jittor's returns 9.36e-14 for x < -30."""
+
+    def execute(self, x):
+        e = jt.exp(-jt.abs(x))                   # in (0, 1]: never overflows
+        self.y = jt.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).stop_grad()
+        return self.y
+
+    def grad(self, g):
+        return g * self.y * (1.0 - self.y)
+
+
+class _LogSigmoid(jt.Function):
+    """min(x, 0) - log1p(exp(-|x|)) (torch's formula), gradient sigmoid(-x).  Jittor's
+    ``nn.log_sigmoid`` is log(sigmoid(x)) and floors at -30."""
+
+    def execute(self, x):
+        self.x = x.stop_grad()
+        t = jt.exp(-jt.abs(x))
+        u = 1.0 + t
+        d = u - 1.0                              # log1p(t) accurate for tiny t (Kahan)
+        log1p = jt.where(d == 0, t, jt.log(u) * (t / jt.where(d == 0, jt.ones_like(d), d)))
+        return jt.where(x < 0, x, jt.zeros_like(x)) - log1p
+
+    def grad(self, g):
+        return g * _Sigmoid()(-self.x)
+
+
+def sigmoid(x: jt.Var) -> jt.Var:
+    return _Sigmoid()(x)
+
+
+def log_sigmoid(x: jt.Var) -> jt.Var:
+    return _LogSigmoid()(x)
+
+
+def abs_(x: jt.Var) -> jt.Var:
+    return jt.where(x > 0, x, jt.where(x < 0, -x, x * 0.0))   # torch grad sign(x): 0 at 0 (jittor 1)
+
+
+def clamp(x: jt.Var, min: Optional[float] = None, max: Optional[float] = None) -> jt.Var:
+    """torch.clamp: gradient passes where min <= x <= max (boundaries included; Jittor's
+    clamp gives 0 there)."""
+    if min is not None:
+        x = jt.where(x < min, jt.full_like(x, min).stop_grad(), x)
+    if max is not None:
+        x = jt.where(x > max, jt.full_like(x, max).stop_grad(), x)
+    return x
+
+
+def _bcast(a: jt.Var, b: jt.Var):
+    shape = np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
+    return a.broadcast(shape), b.broadcast(shape)
+
+
+def maximum(a: jt.Var, b: jt.Var) -> jt.Var:
+    """torch.max(a, b): on ties the gradient is split 0.5/0.5 (Jittor gives it to one)."""
+    a, b = _bcast(a, b)
+    return jt.where(a > b, a, jt.where(a < b, b, (a + b) * 0.5))
+
+
+def minimum(a: jt.Var, b: jt.Var) -> jt.Var:
+    a, b = _bcast(a, b)                      # torch.min(a, b), same tie rule
+    return jt.where(a < b, a, jt.where(a > b, b, (a + b) * 0.5))
+
+
+def softmax(x: jt.Var, dim: int) -> jt.Var:
+    """Always pass dim: ``nn.softmax(x)`` without dim normalises over the whole tensor."""
+    return nn.softmax(x, dim=dim)
+
+
+def bce_with_logits(x: jt.Var, target, weight=None) -> jt.Var:
+    """Elementwise (reduction='none', absent in Jittor): (1 - t) x - log_sigmoid(x), times
+    weight, exactly torch's formula."""
+    loss = (1 - target) * x - log_sigmoid(x)
+    return loss if weight is None else loss * weight
+
+
+def topk(x: jt.Var, k: int, dim: int = -1):
+    """(values, int32 indices), descending.  Tie order differs from torch (argsort based):
+    parity runs inject indices from one side (``topk_index``)."""
+    return jt.topk(x, k, dim=dim)
+
+
+def max_values(x: jt.Var, dim: int) -> jt.Var:
+    """torch ``x.max(dim).values`` (``jt.max(x, dim)`` returns values only)."""
+    return jt.max(x, dim)
+
+
+def argmax(x: jt.Var, dim: int = -1) -> jt.Var:
+    """torch ``x.argmax(dim)`` (``jt.argmax`` returns (index, value))."""
+    return jt.argmax(x, dim)[0]
+
+
+def gather_rows(x: jt.Var, index: jt.Var) -> jt.Var:
+    """x [B, S, C], index [B, K] -> [B, K, C] (torch gather on dim 1 with a repeated index).
+    Out-of-range indices are not checked by Jittor: the caller validates them."""
+    b, k = index.shape
+    return x.reindex([b, k, x.shape[2]], ["i0", "@e0(i0,i1)", "i2"], extras=[index])
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """torch's nearest source index: floor(i * float32(in/out)) (Jittor's own rule
+    floor(i*in/out) picks other rows at e.g. x0.7)."""
+    if n_in == n_out:
+        return np.arange(n_out)
+    if n_out == 2 * n_in:
+        return np.arange(n_out) >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def interpolate_nearest(x: jt.Var, size: Sequence[int]) -> jt.Var:
+    """F.interpolate(x, size=size, mode='nearest') with torch's index rule; x [N, C, H, W].
+    (Jittor's interpolate defaults to bilinear.)"""
+    n, c, h, w = x.shape
+    oh, ow = int(size[0]), int(size[1])
+    ih, iw = constant(_nearest_index(h, oh)), constant(_nearest_index(w, ow))
+    return x.reindex([n, c, oh, ow], ["i0", "i1", "@e0(i2)", "@e1(i3)"], extras=[ih, iw])
+
+
+def grid_sample(value: jt.Var, grid: jt.Var) -> jt.Var:
+    """F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)
+    (Jittor's reindex version matches torch to 1e-7, forward and both gradients)."""
+    return nn.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class BatchNorm2d(nn.Module):
+    """torch BatchNorm2d (momentum 0.1, eps 1e-5); keys weight, bias, running_mean,
+    running_var; num_batches_tracked is the int ``_num_batches_tracked`` (the adapter
+    exports it as int64).  Jittor's BN takes var = E[x^2] - E[x]^2 in float32 (garbage at
+    large means) and keeps a biased running_var.  Here, like torch's CPU kernel: two-pass
+    float64 statistics, unbiased running_var update, y = x * scale + shift."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = jt.ones(num_features)
+        self.bias = jt.zeros(num_features)
+        self.running_mean = jt.zeros(num_features).stop_grad()
+        self.running_var = jt.ones(num_features).stop_grad()
+        self._num_batches_tracked = 0
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        # x [N, C, H, W]
+        if self.is_training():
+            xd = x.float64()
+            mean = xd.mean(dims=[0, 2, 3])
+            var = ((xd - mean.reshape(1, -1, 1, 1)) ** 2).mean(dims=[0, 2, 3])
+            n = x.numel() // x.shape[1]
+            m = self.momentum
+            rm = (1 - m) * self.running_mean.float64() + m * mean.detach()
+            rv = (1 - m) * self.running_var.float64() + m * var.detach() * (n / max(n - 1, 1))
+            update_(self.running_mean, rm.cast(self.running_mean.dtype))
+            update_(self.running_var, rv.cast(self.running_var.dtype))
+            self._num_batches_tracked += 1
+            invstd = (1.0 / jt.sqrt(var + self.eps)).cast(x.dtype)
+            mean = mean.cast(x.dtype)
+        else:
+            mean = self.running_mean
+            invstd = 1.0 / jt.sqrt(self.running_var + self.eps)
+        scale = self.weight * invstd
+        shift = self.bias - mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class LayerNorm(nn.Module):
+    """torch LayerNorm over the last dim.  Jittor's uses E[x^2] - E[x]^2 (8.8e-4 off for
+    offset tokens): two-pass statistics in float64 here."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5):
+        self.normalized_shape, self.eps = normalized_shape, eps
+        self.weight = jt.ones(normalized_shape)
+        self.bias = jt.zeros(normalized_shape)
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        xd = x.float64()
+        mean = xd.mean(dim=-1, keepdims=True)
+        var = ((xd - mean) ** 2).mean(dim=-1, keepdims=True)
+        rstd = (1.0 / jt.sqrt(var + self.eps)).cast(x.dtype)
+        return (x - mean.cast(x.dtype)) * rstd * self.weight + self.bias
+
+
+class Embedding(nn.Module):
+    """nn.Embedding(num, dim, padding_idx): the padding row is looked up like any other
+    (its value is whatever was loaded) but, as in torch, never receives gradient (Jittor
+    only zeroes it at init)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None):
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.weight = jt.zeros((num_embeddings, embedding_dim))
+
+    def execute(self, idx: jt.Var) -> jt.Var:
+        w, p = self.weight, self.padding_idx
+        if p is not None:
+            w = jt.concat([w[:p], w[p:p + 1].stop_grad(), w[p + 1:]], dim=0)
+        return w[idx]
+
+
+class MultiheadAttention(nn.Module):
+    """torch nn.MultiheadAttention(embed_dim, num_heads, dropout, batch_first=True) with
+    need_weights=False (jittor.nn has none; jittor.attention's skips dropout when weights
+    are returned).  Keys in_proj_weight [3E, E], in_proj_bias [3E], out_proj.{weight,bias}.
+    attn_mask: bool [L, S] (True = blocked) or additive float."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, batch_first: bool = True):
+        assert batch_first, "only batch_first=True is used by RT-DETR"
+        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.in_proj_weight = jt.zeros((3 * embed_dim, embed_dim))
+        self.in_proj_bias = jt.zeros((3 * embed_dim,))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.dropout = dropout
+
+    def execute(self, query, key, value, attn_mask=None, need_weights=False):
+        # query [B, L, E], key/value [B, S, E] -> ([B, L, E], None)
+        b, l, e = query.shape
+        s = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        w, bias = self.in_proj_weight, self.in_proj_bias
+        q = nn.linear(query, w[:e], bias[:e]).reshape(b, l, h, d).permute(0, 2, 1, 3)
+        k = nn.linear(key, w[e:2 * e], bias[e:2 * e]).reshape(b, s, h, d).permute(0, 2, 1, 3)
+        v = nn.linear(value, w[2 * e:], bias[2 * e:]).reshape(b, s, h, d).permute(0, 2, 1, 3)
+        att = jt.matmul(q, k.permute(0, 1, 3, 2)) * (1.0 / float(np.sqrt(d)))   # [B, H, L, S]
+        if attn_mask is not None:
+            if attn_mask.dtype == jt.bool:
+                att = jt.where(attn_mask, jt.full_like(att, float("-inf")).stop_grad(), att)
+            else:
+                att = att + attn_mask
+        att = softmax(att, dim=-1)
+        if self.dropout > 0 and self.is_training():       # jittor.nn.dropout defaults to eval
+            att = nn.dropout(att, self.dropout, is_train=True)
+        out = jt.matmul(att, v).permute(0, 2, 1, 3).reshape(b, l, e)
+        return self.out_proj(out), None
+
+
+class AdamW:
+    """torch.optim.AdamW (single-tensor loop) over explicit gradients.  Jittor's AdamW has
+    weight_decay 0 by default, decays parameters without gradient and counts every
+    ``opt.backward()`` as a step.  ``step(grads)``: name -> grad, None = skipped entirely
+    (torch skips grad None); one count per parameter and step.  Groups {"names", "params", ...}."""
+
+    def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.param_groups = [{**self.defaults, **g} for g in param_groups]
+        self.state = {}                     # name -> {"step", "exp_avg", "exp_avg_sq"}
+
+    def step(self, grads) -> None:
+        touched = []
+        for g in self.param_groups:
+            lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
+            b1, b2 = g["betas"]
+            for name, p in zip(g["names"], g["params"]):
+                grad = grads.get(name)
+                if grad is None:
+                    continue
+                st = self.state.setdefault(name, {"step": 0, "exp_avg": jt.zeros_like(p).stop_grad(),
+                                                  "exp_avg_sq": jt.zeros_like(p).stop_grad()})
+                st["step"] += 1
+                t = st["step"]
+                m = st["exp_avg"] + (grad - st["exp_avg"]) * (1 - b1)        # lerp, as torch
+                v = st["exp_avg_sq"] * b2 + grad * grad * (1 - b2)
+                denom = jt.sqrt(v) / float(np.sqrt(1 - b2 ** t)) + eps
+                new = p * (1 - lr * wd) - m / denom * (lr / (1 - b1 ** t))  # decay, then step
+                update_(p, new)
+                update_(st["exp_avg"], m)
+                update_(st["exp_avg_sq"], v)
+                touched += [p, st["exp_avg"], st["exp_avg_sq"]]
+        jt.sync(touched)
