@@ -1,6 +1,6 @@
 """The one place where Jittor's differences from PyTorch are handled.
 
-Every measured parity pitfall of ``/work/shared/notes/jittor_pitfalls.md`` that RT-DETR
+Every measured parity pitfall of ``backends/jittor_pitfalls.md`` that RT-DETR
 touches is dealt with here, and every other file of this backend uses these helpers
 instead of the raw Jittor call.  Each helper has its own test against recorded PyTorch
 values (tests/test_jittor_pitfalls.py, data in tests/data/pitfalls/).
