@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feed PyTorch's top-k selection and matches to the Jittor side")
     rp.add_argument("--no-reference", action="store_true", help="skip the float64 noise-floor reference")
     rp.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
+    rp.add_argument("--thresholds", default=None, metavar="YAML",
+                    help="thresholds file (default: parity/thresholds.yaml)")
+    rp.add_argument("--keep-arrays", action="store_true",
+                    help="keep the workers' result arrays (<out>/work/*.npz) after comparing")
+    rp.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="kill a worker that runs longer than this (exit 2)")
+    rp.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
+                    help="harness test: deliberate fault on one side, e.g. "
+                         "weight:decoder.decoder.layers.3.linear1.weight:noise=1e-3, upsample:bilinear, "
+                         "config:decoder.num_queries=200, crash:raise (see parity/faults.py)")
+    rp.add_argument("--fault-side", default="jittor", choices=["jittor", "torch"],
+                    help="side that gets --inject-fault (default: jittor)")
+    # harness self-test: compare torch against torch (expects exact agreement)
+    rp.add_argument("--candidate-backend", default="jittor", choices=["jittor", "torch"], help=argparse.SUPPRESS)
     rp.set_defaults(func=_cmd_run)
 
     for modname in sorted(set(STAGE_MODULES.values())):

@@ -188,8 +188,8 @@ class RTDETRTransformer(nn.Module):
         bs, s, _ = memory.shape
         dtype = str(memory.dtype)
         anchors, valid_mask = self._generate_anchors(spatial_shapes, dtype=dtype)
+        record("decoder.memory", memory)     # before the anchor mask, as the torch side records it
         memory = fw.constant(valid_mask.astype(dtype)) * memory
-        record("decoder.memory", memory)
         output_memory = self.enc_output(memory)
         record("decoder.enc_output", output_memory)
         enc_outputs_class = self.enc_score_head(output_memory)                          # [B, S, C]

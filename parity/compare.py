@@ -1,0 +1,361 @@
+"""Tensor and decision comparisons, pass rules, first divergence.
+
+Vocabulary: ``cand`` is the side under test (Jittor), ``base`` the side it is compared with
+(PyTorch, same dtype) and ``ref`` the float64 reference of the base side (only in float32
+runs).  Every error is computed in float64 arithmetic with the *second* argument as the
+reference for relative quantities:
+
+* ``max_abs``  max |a - b|
+* ``max_rel``  max |a - b| / max |b|          (the jittor_pitfalls.md convention)
+* ``rel_l2``   ||a - b|| / ||b||               (the error every rule uses)
+* ``cos``      <a, b> / (||a|| ||b||)
+
+In float32 runs three errors are kept per tensor: ``cand_base`` (J32 vs T32), ``base_ref``
+(T32 vs T64: float32's own noise, the *floor*) and ``cand_ref`` (J32 vs T64), and
+``ratio = rel_l2(cand_ref) / rel_l2(base_ref)``.  A tensor passes by the first rule that
+holds (see thresholds.yaml):
+
+* ``exact``  bit-identical;
+* ``fixed``  rel_l2(cand_base) <= rel_l2 threshold (and cos >= cos threshold when given);
+* ``abs``    max_abs(cand_base) <= atol;
+* ``floor``  rel_l2(cand_ref) <= k * rel_l2(base_ref) + allowance (float32 + reference only);
+* ``update`` (parameters after an optimiser step, given ``before``): the update itself agrees,
+  rel_l2(cand - before, base - before) <= update_rel.
+
+Discrete decisions (top-k indices, Hungarian matches, integer outputs) are compared exactly;
+outputs are never re-ordered to hide a flip.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from .thresholds import GroupThreshold
+
+RULE_ORDER = ("exact", "fixed", "abs", "floor", "update")
+
+
+# ----------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def tensor_errors(a, b) -> Dict[str, Any]:
+    """Errors of ``a`` against the reference ``b`` (see the module docstring).
+
+    Non-finite values must sit at the same positions with the same values on both sides
+    (then they are left out of the metrics and counted in ``nonfinite``); otherwise the
+    result has ``mismatch`` set and every metric is inf."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        return {"mismatch": f"shape {list(a.shape)} vs {list(b.shape)}", "max_abs": math.inf,
+                "max_rel": math.inf, "rel_l2": math.inf, "cos": 0.0, "n": int(b.size)}
+    a64 = a.astype(np.float64, copy=False).ravel()
+    b64 = b.astype(np.float64, copy=False).ravel()
+    out: Dict[str, Any] = {"n": int(b64.size)}
+    fa, fb = np.isfinite(a64), np.isfinite(b64)
+    if not (fa.all() and fb.all()):
+        same_pos = np.array_equal(fa, fb)
+        same_val = same_pos and np.array_equal(a64[~fa], b64[~fb], equal_nan=True)
+        if not same_val:
+            out.update(mismatch=f"non-finite values differ (cand {int((~fa).sum())}, base {int((~fb).sum())})",
+                       max_abs=math.inf, max_rel=math.inf, rel_l2=math.inf, cos=0.0)
+            return out
+        out["nonfinite"] = int((~fa).sum())
+        a64, b64 = a64[fa], b64[fb]
+    if a64.size == 0:
+        out.update(max_abs=0.0, max_rel=0.0, rel_l2=0.0, cos=1.0)
+        return out
+    d = a64 - b64
+    max_abs = float(np.max(np.abs(d)))
+    bmax = float(np.max(np.abs(b64)))
+    nd, na, nb = (float(np.linalg.norm(v)) for v in (d, a64, b64))
+    if na > 0 and nb > 0:
+        cos = float(np.dot(a64, b64) / (na * nb))
+        cos = max(-1.0, min(1.0, cos))
+    else:
+        cos = 1.0 if na == nb else 0.0
+    out.update(max_abs=max_abs, max_rel=_ratio(max_abs, bmax), rel_l2=_ratio(nd, nb), cos=cos)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# tensors
+# ----------------------------------------------------------------------------------------
+
+def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[GroupThreshold] = None, *,
+                 module: Optional[str] = None, before=None) -> Dict[str, Any]:
+    """Compare one floating tensor; return its report entry (``passed``, ``rule``, errors)."""
+    if th is None:
+        raise ValueError("judge_tensor needs a threshold")
+    cand = np.asarray(cand)
+    base = np.asarray(base)
+    e: Dict[str, Any] = {"name": name, "group": group, "kind": "tensor", "module": module or name,
+                         "shape": list(base.shape), "threshold": th.to_dict()}
+    errors = {"cand_base": tensor_errors(cand, base)}
+    if ref is not None:
+        errors["base_ref"] = tensor_errors(base, ref)
+        errors["cand_ref"] = tensor_errors(cand, ref)
+    e["errors"] = errors
+    cb = errors["cand_base"]
+    e["err"] = cb["rel_l2"]
+    e["cos"] = cb["cos"]
+    if ref is not None:
+        e["floor"] = errors["base_ref"]["rel_l2"]
+        e["err_ref"] = errors["cand_ref"]["rel_l2"]
+        e["ratio"] = _ratio(e["err_ref"], e["floor"])
+    if "mismatch" in cb:
+        e.update(passed=False, rule=None, reason=cb["mismatch"])
+        return e
+    rule = None
+    if cand.dtype == base.dtype and np.array_equal(cand, base, equal_nan=True):
+        rule = "exact"
+    elif cb["rel_l2"] <= th.rel_l2 and (th.cos is None or cb["cos"] >= th.cos):
+        rule = "fixed"
+    elif th.atol is not None and cb["max_abs"] <= th.atol:
+        rule = "abs"
+    elif (ref is not None and th.k is not None and "mismatch" not in errors["base_ref"]
+          and "mismatch" not in errors["cand_ref"]
+          and e["err_ref"] <= th.k * e["floor"] + th.allowance):
+        rule = "floor"
+    if before is not None and th.update_rel is not None:
+        b0 = np.asarray(before, dtype=np.float64)
+        ue = tensor_errors(cand.astype(np.float64) - b0, base.astype(np.float64) - b0)
+        e["update_err"] = ue["rel_l2"]
+        if rule is None and "mismatch" not in ue and ue["rel_l2"] <= th.update_rel:
+            rule = "update"
+    e["passed"] = rule is not None
+    e["rule"] = rule
+    if rule is None:
+        why = [f"rel_l2 {cb['rel_l2']:.3g} > {th.rel_l2:.3g}" if cb["rel_l2"] > th.rel_l2
+               else f"cos {cb['cos']:.9f} < {th.cos}"]
+        if ref is not None and th.k is not None:
+            why.append(f"err vs float64 {e['err_ref']:.3g} > {th.k:g} x floor {e['floor']:.3g}"
+                       f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
+        if "update_err" in e:
+            why.append(f"update rel_l2 {e['update_err']:.3g} > {th.update_rel:.3g}")
+        e["reason"] = "; ".join(why)
+    return e
+
+
+def judge_exact(name: str, group: str, cand, base, *, module: Optional[str] = None) -> Dict[str, Any]:
+    """Integer / discrete arrays: must be equal value for value (dtypes may differ)."""
+    cand = np.asarray(cand)
+    base = np.asarray(base)
+    e: Dict[str, Any] = {"name": name, "group": group, "kind": "exact", "module": module or name,
+                         "shape": list(base.shape)}
+    if cand.shape != base.shape:
+        e.update(passed=False, rule=None, reason=f"shape {list(cand.shape)} vs {list(base.shape)}",
+                 agreement=0.0)
+        return e
+    eq = cand == base
+    agree = float(eq.mean()) if eq.size else 1.0
+    e["agreement"] = agree
+    e["passed"] = bool(eq.all())
+    e["rule"] = "exact" if e["passed"] else None
+    if not e["passed"]:
+        e["reason"] = f"{int((~eq).sum())} of {eq.size} values differ"
+    return e
+
+
+# ----------------------------------------------------------------------------------------
+# discrete decisions
+# ----------------------------------------------------------------------------------------
+
+def topk_overlap(cand, base) -> Dict[str, Any]:
+    """Top-k selections [B, Q]: per-position agreement and per-image set overlap."""
+    cand = np.asarray(cand).astype(np.int64)
+    base = np.asarray(base).astype(np.int64)
+    if cand.shape != base.shape:
+        return {"mismatch": f"shape {list(cand.shape)} vs {list(base.shape)}", "positions": 0.0, "set": 0.0}
+    pos = float((cand == base).mean()) if cand.size else 1.0
+    same = total = 0
+    for c, b in zip(cand.reshape(cand.shape[0], -1), base.reshape(base.shape[0], -1)):
+        same += len(set(c.tolist()) & set(b.tolist()))
+        total += len(b)
+    return {"positions": pos, "set": same / total if total else 1.0, "same": same, "total": total}
+
+
+def judge_topk(name: str, cand, base, min_agreement: float = 1.0, *, shared: bool = False) -> Dict[str, Any]:
+    ov = topk_overlap(cand, base)
+    e: Dict[str, Any] = {"name": name, "group": "decisions", "kind": "topk", "module": name,
+                         "shape": list(np.shape(base)), "overlap": ov, "shared": shared,
+                         "agreement": ov["positions"]}
+    ok = "mismatch" not in ov and ov["positions"] >= min_agreement
+    e["passed"] = ok
+    e["rule"] = ("shared" if shared else "exact") if ok else None
+    if not ok:
+        e["reason"] = ov.get("mismatch") or (
+            f"top-k selection differs: {100 * ov['set']:.2f}% of the selected set and "
+            f"{100 * ov['positions']:.2f}% of positions agree (a flip; try --share-decisions if it is a tie)")
+    return e
+
+
+def match_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Dict[str, Any]:
+    from rtdetr_core.matching import agreement
+    if len(a) != len(b):
+        return {"mismatch": f"{len(a)} vs {len(b)} images", "same": 0, "total": max(len(a), len(b))}
+    same, total = agreement([np.asarray(x).reshape(2, -1) for x in a], [np.asarray(x).reshape(2, -1) for x in b])
+    return {"same": same, "total": total, "agreement": same / total if total else 1.0}
+
+
+def judge_matches(name: str, cand: Sequence[np.ndarray], base: Sequence[np.ndarray],
+                  min_agreement: float = 1.0, *, shared: bool = False) -> Dict[str, Any]:
+    ag = match_agreement(cand, base)
+    e: Dict[str, Any] = {"name": name, "group": "decisions", "kind": "matches", "module": "matcher",
+                         "shape": [ag["total"]], "overlap": ag, "shared": shared,
+                         "agreement": ag.get("agreement", 0.0)}
+    ok = "mismatch" not in ag and e["agreement"] >= min_agreement
+    e["passed"] = ok
+    e["rule"] = ("shared" if shared else "exact") if ok else None
+    if not ok:
+        e["reason"] = ag.get("mismatch") or (
+            f"assignment differs: {ag['same']} of {ag['total']} pairs agree "
+            f"({100 * e['agreement']:.1f}%; try --share-decisions if costs tie)")
+    return e
+
+
+# ----------------------------------------------------------------------------------------
+# grouping and summaries
+# ----------------------------------------------------------------------------------------
+
+def module_of(param: str) -> str:
+    """The module a parameter belongs to, at the granularity of the named intermediates:
+    up to and including the first numeric path component (``backbone.res_layers.1``,
+    ``encoder.fpn_blocks.0``, ``decoder.decoder.layers.3``, ``decoder.dec_bbox_head.5``);
+    without a numeric component, the owner module (``decoder.denoising_class_embed``)."""
+    parts = param.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit() and i >= 1:
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or param
+
+
+def severity(e: Dict[str, Any]) -> float:
+    """Sort key "worst first": failing before passing, then the error relative to its bound."""
+    if e.get("kind") != "tensor":
+        return (0 if e["passed"] else 1e300) + (1.0 - float(e.get("agreement", 1.0)))
+    th = e.get("threshold", {})
+    over = e["err"] / th["rel_l2"] if th.get("rel_l2") else e["err"]
+    if "ratio" in e and th.get("k"):
+        over = min(over, e["ratio"] / th["k"])
+    if not e["passed"]:
+        over += 1e150
+    return over if math.isfinite(over) else 1e300
+
+
+def by_module(entries: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Entries grouped by module, worst module first; each with its worst tensor."""
+    mods: Dict[str, Dict[str, Any]] = {}
+    for e in entries:
+        m = mods.setdefault(e["module"], {"module": e["module"], "n": 0, "failed": 0, "worst": None,
+                                          "max_err": 0.0, "max_ratio": None})
+        m["n"] += 1
+        m["failed"] += 0 if e["passed"] else 1
+        if m["worst"] is None or severity(e) > severity(m["worst"]):
+            m["worst"] = e
+        if e.get("kind") == "tensor":
+            m["max_err"] = max(m["max_err"], e["err"])
+            if "ratio" in e:
+                m["max_ratio"] = e["ratio"] if m["max_ratio"] is None else max(m["max_ratio"], e["ratio"])
+    out = sorted(mods.values(), key=lambda m: severity(m["worst"]), reverse=True)
+    for m in out:
+        w = m.pop("worst")
+        m["worst_name"] = w["name"]
+        m["worst_err"] = w.get("err")
+        m["worst_ratio"] = w.get("ratio")
+    return out
+
+
+def group_summary(entries: Sequence[Dict[str, Any]], groups: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    out: Dict[str, Dict[str, Any]] = {}
+    for g in groups:
+        es = [e for e in entries if e["group"] == g]
+        if not es:
+            continue
+        tens = [e for e in es if e.get("kind") == "tensor"]
+        worst = max(es, key=severity)
+        rules: Dict[str, int] = {}
+        for e in es:
+            key = e["rule"] or "FAIL"
+            rules[key] = rules.get(key, 0) + 1
+        s: Dict[str, Any] = {"n": len(es), "failed": sum(1 for e in es if not e["passed"]), "rules": rules,
+                             "worst": worst["name"], "worst_err": worst.get("err"),
+                             "worst_agreement": worst.get("agreement")}
+        if tens:
+            s["max_err"] = max(e["err"] for e in tens)
+            s["max_max_rel"] = max(e["errors"]["cand_base"]["max_rel"] for e in tens)
+            s["min_cos"] = min(e["cos"] for e in tens)
+            if any("floor" in e for e in tens):
+                s["max_floor"] = max(e.get("floor", 0.0) for e in tens)
+                s["max_err_ref"] = max(e.get("err_ref", 0.0) for e in tens)
+                s["max_ratio"] = max(e.get("ratio", 0.0) for e in tens)
+                s["worst"] = worst["name"]
+                s["worst_floor"] = worst.get("floor")
+                s["worst_err_ref"] = worst.get("err_ref")
+                s["worst_ratio"] = worst.get("ratio")
+        out[g] = s
+    return out
+
+
+def first_divergence(entries: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The first failing entry in the given (forward) order, the last passing one before it
+    and the largest error upstream of it."""
+    for i, e in enumerate(entries):
+        if not e["passed"]:
+            up = [x for x in entries[:i] if x.get("kind") == "tensor"]
+            last = entries[i - 1] if i > 0 else None
+            return {
+                "index": i, "name": e["name"], "module": e["module"], "group": e["group"],
+                "err": e.get("err"), "floor": e.get("floor"), "ratio": e.get("ratio"),
+                "agreement": e.get("agreement"), "reason": e.get("reason"),
+                "last_passing": last["name"] if last else None,
+                "last_passing_err": last.get("err") if last else None,
+                "upstream_max_err": max((x["err"] for x in up), default=None),
+                "upstream_max_ratio": max((x["ratio"] for x in up if "ratio" in x), default=None),
+                "n_failed": sum(1 for x in entries if not x["passed"]),
+            }
+    return {}
+
+
+def describe_divergence(fd: Dict[str, Any]) -> str:
+    """One line: ``first divergence: decoder.decoder.layers.3 (rel err 4e-2, upstream all < 1e-6)``."""
+    if not fd:
+        return "no divergence"
+    if fd.get("err") is not None:
+        what = f"rel err {fd['err']:.2g}"
+        if fd.get("ratio") is not None:
+            what += f", {fd['ratio']:.3g}x the float32 floor {fd['floor']:.2g}"
+    else:
+        what = fd.get("reason") or "differs"
+    up = fd.get("upstream_max_err")
+    ups = f", upstream all <= {up:.2g}" if up is not None else ", nothing upstream"
+    return f"first divergence: {fd['module']} [{fd['name']}] ({what}{ups})"
+
+
+def jsonable(x: Any) -> Any:
+    """Replace non-finite floats by strings and numpy scalars by Python ones (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        f = float(x)
+        if math.isfinite(f):
+            return f
+        return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    return x

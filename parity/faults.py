@@ -1,0 +1,175 @@
+"""Deliberate faults, to prove the harness catches and localises real bugs (tests only).
+
+A fault is applied inside one worker (the runner passes ``--inject-fault`` to one side
+only); the backends know nothing about it.  Spec forms:
+
+``weight:NAME:OP=VALUE``  perturb the loaded weights dict before ``load_weights``. ``NAME``
+                          is a parameter name or an fnmatch pattern (``*``), OP one of
+                          ``scale`` (w *= v), ``add`` (w += v), ``noise`` (w *= 1 + v*N(0,1),
+                          seeded elementwise noise: not undone by a following train-mode BN,
+                          unlike ``scale``).
+``upsample:bilinear``     the encoder's FPN upsampling uses bilinear instead of nearest
+                          (monkey-patched into the backend module at run time).
+``config:KEY=VALUE``      change one config value on this side (``decoder.num_queries=200``):
+                          simulates two sides that do not build the same model.
+``crash:KIND``            ``raise`` (Python exception in the task), ``abort`` (SIGABRT, no
+                          error file), ``exit`` (``os._exit(7)``, no error file).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+WEIGHT_OPS = ("scale", "add", "noise")
+CRASH_KINDS = ("raise", "abort", "exit")
+
+
+class FaultError(ValueError):
+    """A malformed fault spec (one line)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str                  # weight | upsample | config | crash
+    target: str = ""           # weight name/pattern, config key, upsample mode, crash kind
+    op: str = ""               # weight op
+    value: Any = None          # weight op value / config value
+    spec: str = ""
+
+    def describe(self) -> str:
+        return self.spec
+
+
+def parse_fault(spec: str) -> Fault:
+    s = spec.strip()
+    kind, _, rest = s.partition(":")
+    if kind == "weight":
+        name, sep, opv = rest.rpartition(":")
+        if not sep or "=" not in opv or not name:
+            raise FaultError(f"fault '{spec}': expected weight:NAME:OP=VALUE (OP: {', '.join(WEIGHT_OPS)})")
+        op, _, v = opv.partition("=")
+        if op not in WEIGHT_OPS:
+            raise FaultError(f"fault '{spec}': unknown weight op '{op}' (allowed: {', '.join(WEIGHT_OPS)})")
+        try:
+            val = float(v)
+        except ValueError:
+            raise FaultError(f"fault '{spec}': value '{v}' is not a number") from None
+        return Fault("weight", name, op, val, s)
+    if kind == "upsample":
+        if rest not in ("bilinear",):
+            raise FaultError(f"fault '{spec}': expected upsample:bilinear")
+        return Fault("upsample", rest, spec=s)
+    if kind == "config":
+        key, eq, v = rest.partition("=")
+        if not eq or not key:
+            raise FaultError(f"fault '{spec}': expected config:KEY=VALUE")
+        import yaml
+        return Fault("config", key, value=yaml.safe_load(v), spec=s)
+    if kind == "crash":
+        if rest not in CRASH_KINDS:
+            raise FaultError(f"fault '{spec}': expected crash:{'|'.join(CRASH_KINDS)}")
+        return Fault("crash", rest, spec=s)
+    raise FaultError(f"fault '{spec}': unknown kind '{kind}' (weight, upsample, config, crash)")
+
+
+def parse_faults(specs: Optional[Sequence[str]]) -> List[Fault]:
+    return [parse_fault(s) for s in (specs or [])]
+
+
+def check_faults_against_spec(faults: Sequence[Fault], names: Sequence[str]) -> None:
+    """Every weight fault must match at least one trainable/loaded tensor name."""
+    for f in faults:
+        if f.kind == "weight" and not fnmatch.filter(names, f.target):
+            close = [n for n in names if f.target.split("*")[0][:20] in n][:3]
+            raise FaultError(f"fault '{f.spec}': no weight named '{f.target}'"
+                             + (f" (similar: {', '.join(close)})" if close else ""))
+
+
+def apply_weight_faults(weights: "Mapping[str, np.ndarray]", faults: Sequence[Fault]) -> List[str]:
+    """Perturb ``weights`` in place (floating entries only); return what was changed."""
+    done = []
+    names = list(weights)
+    check_faults_against_spec(faults, names)
+    for f in faults:
+        if f.kind != "weight":
+            continue
+        for n in fnmatch.filter(names, f.target):
+            w = weights[n]
+            if w.dtype.kind != "f":
+                continue
+            if f.op == "scale":
+                new = w * f.value
+            elif f.op == "add":
+                new = w + f.value
+            else:
+                rng = np.random.default_rng(0)
+                new = w * (1.0 + f.value * rng.standard_normal(w.shape))
+            weights[n] = np.asarray(new, dtype=w.dtype)
+            done.append(f"{n}: {f.op}={f.value:g}")
+    return done
+
+
+def apply_config_faults(cfg_dict: Dict[str, Any], faults: Sequence[Fault]) -> List[str]:
+    done = []
+    for f in faults:
+        if f.kind != "config":
+            continue
+        node = cfg_dict
+        parts = f.target.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise FaultError(f"fault '{f.spec}': no config key '{f.target}'")
+            node = node[p]
+        if parts[-1] not in node:
+            raise FaultError(f"fault '{f.spec}': no config key '{f.target}'")
+        node[parts[-1]] = f.value
+        done.append(f"{f.target}={f.value!r}")
+    return done
+
+
+def install_runtime_faults(backend: str, faults: Sequence[Fault]) -> List[str]:
+    """Monkey-patch backend modules for behavioural faults (call after importing the adapter)."""
+    done = []
+    for f in faults:
+        if f.kind != "upsample":
+            continue
+        if backend == "jittor":
+            import jittor as jt
+            from backends.jittor_impl import framework as fw
+
+            def bilinear(x, size, _jt=jt):
+                return _jt.nn.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear",
+                                          align_corners=False)
+            fw.interpolate_nearest = bilinear
+        else:
+            import torch.nn.functional as F
+            from backends.torch_impl import hybrid_encoder
+
+            class _Shim:
+                def __getattr__(self, name):
+                    return getattr(F, name)
+
+                @staticmethod
+                def interpolate(x, *a, **kw):
+                    kw["mode"] = "bilinear"
+                    kw.setdefault("align_corners", False)
+                    return F.interpolate(x, *a, **kw)
+            hybrid_encoder.F = _Shim()
+        done.append("encoder FPN upsampling: nearest -> bilinear")
+    return done
+
+
+def maybe_crash(faults: Sequence[Fault]) -> None:
+    for f in faults:
+        if f.kind != "crash":
+            continue
+        if f.target == "raise":
+            raise RuntimeError("injected crash (fault crash:raise)")
+        if f.target == "abort":
+            os.abort()
+        if f.target == "exit":
+            os._exit(7)

@@ -1,0 +1,210 @@
+"""End to end: ``parity run`` on the smoke preset with both real environments.
+
+Runs from the PyTorch environment (marker ``torch``) and starts the Jittor environment
+itself; a missing environment FAILS (conftest.env_python), it is never skipped.
+Each run writes to a tmp folder; results are cached per module so that several assertions
+share one run.  Wall time on 2 CPU cores with a warm Jittor cache: ~25 minutes in total
+(the first float64 Jittor grad run compiles its kernels once: ~8 more minutes).
+The parity-r50vd acceptance runs (640x640, batch 2: ~15 min per float32 stage) are opt-in:
+``RTDETR_PARITY_SLOW=1`` (marker ``slow``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, env_python
+
+pytestmark = pytest.mark.torch
+
+_CACHE = {}
+
+
+def parity_run(tmp_root, name, *extra, stage="forward", dtype="float32"):
+    """Run ``python -m parity run`` in the torch env; returns (rc, stdout, stderr, result or None)."""
+    key = (name, stage, dtype, extra)
+    if key in _CACHE:
+        return _CACHE[key]
+    out = os.path.join(tmp_root, f"{name}-{stage}-{dtype}")
+    env = dict(os.environ)
+    env["RTDETR_PARITY_TORCH_PYTHON"] = env_python("torch")
+    env.setdefault("RTDETR_PARITY_JITTOR_PYTHON", env_python("jittor"))
+    cmd = [env_python("torch"), "-m", "parity", "run", "--stage", stage, "--config", "smoke", "--dtype", dtype,
+           "--out", out, *extra]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    res_path = os.path.join(out, "result.json")
+    res = json.load(open(res_path)) if os.path.exists(res_path) else None
+    _CACHE[key] = (p.returncode, p.stdout, p.stderr, res)
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("parity_e2e"))
+
+
+def _explain(rc, out, err, res):
+    fd = (res or {}).get("first_divergence")
+    return f"rc={rc}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}\nfirst divergence: {fd}"
+
+
+# --- the smoke preset passes, both stages, both dtypes ---------------------------------------------
+
+# Known backend bug (open): Jittor turns Python float constants into float32 even on float64
+# tensors (x64 * 0.1 - 0.1 = 1.5e-9), so GELU, BN momentum and AdamW hyper-parameters carry
+# float32 rounding into float64 runs: AIFI output 1.9e-9 off, step params 3e-8 off.  The
+# harness reports it correctly (first divergence encoder.encoder.0); strict xfail flips to a
+# failure the day the backend is fixed.
+JT_F64_CONSTANTS = pytest.mark.xfail(strict=True, reason="Jittor float64: Python float constants are float32")
+F64_KNOWN_BAD = pytest.param("float64", marks=JT_F64_CONSTANTS)
+
+
+@pytest.mark.parametrize("stage", ["forward", "grad"])
+@pytest.mark.parametrize("dtype", [F64_KNOWN_BAD, "float32"])
+def test_smoke_passes(root, stage, dtype):
+    rc, out, err, res = parity_run(root, "smoke", stage=stage, dtype=dtype)
+    assert rc == 0, _explain(rc, out, err, res)
+    assert res["status"] == "pass" and res["passed"] is True and res["first_divergence"] is None
+    assert res["config"] == "smoke" and res["dtype"] == dtype and res["stage"] == stage
+    groups = set(res["groups"])
+    assert {"intermediates", "outputs", "decisions"} <= groups
+    if stage == "grad":
+        assert {"losses", "grads", "step"} <= groups
+        assert res["groups"]["grads"]["n"] > 400 and res["grads_by_module"]
+    if dtype == "float32":
+        assert res["labels"] == {"cand": "J32", "base": "T32", "ref": "T64"}
+        assert res["groups"]["outputs"].get("max_floor") is not None      # the float64 floor was measured
+    else:
+        assert res["labels"] == {"cand": "J64", "base": "T64"}
+    md = open(os.path.join(res["out"], "summary.md")).read()
+    assert "PASS" in md
+    assert "PASS:" in out
+
+
+# --- deliberately broken variants are caught and localised --------------------------------------
+
+FAULTS = {
+    "backbone": ("weight:backbone.res_layers.1.blocks.0.branch2a.conv.weight:noise=1e-3", "backbone.res_layers.1"),
+    "encoder": ("weight:encoder.fpn_blocks.0.conv1.conv.weight:scale=1.001", "encoder.fpn_blocks.0"),
+    "decoder": ("weight:decoder.decoder.layers.3.linear1.weight:noise=1e-3", "decoder.decoder.layers.3"),
+    "upsample": ("upsample:bilinear", "encoder.fpn_blocks.0"),
+}
+
+
+@pytest.mark.parametrize("dtype", [
+    # float64: the backbone fault is named (upstream of AIFI); the others are masked by the
+    # known float64 bug above, which diverges first at encoder.encoder.0.
+    "float64", "float32"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_injected_fault_named_as_first_divergence(root, fault, dtype):
+    if dtype == "float64" and fault != "backbone":
+        pytest.xfail("masked by the known Jittor float64 constant bug (first divergence encoder.encoder.0)")
+    spec, module = FAULTS[fault]
+    rc, out, err, res = parity_run(root, f"fault-{fault}", "--inject-fault", spec, dtype=dtype)
+    assert rc == 1, _explain(rc, out, err, res)
+    assert res["status"] == "fail" and res["passed"] is False
+    fd = res["first_divergence"]
+    assert fd["module"] == module, _explain(rc, out, err, res)
+    assert res["faults"] == [spec] and res["fault_side"] == "jittor"
+    assert f"first divergence: {module}" in out
+
+
+@pytest.mark.parametrize("dtype", [F64_KNOWN_BAD, "float32"])
+def test_injected_fault_in_grad_stage(root, dtype):
+    spec, module = FAULTS["decoder"]
+    rc, out, err, res = parity_run(root, "fault-decoder", "--inject-fault", spec, stage="grad", dtype=dtype)
+    assert rc == 1, _explain(rc, out, err, res)
+    assert res["first_divergence"]["module"] == module, _explain(rc, out, err, res)
+    assert res["groups"]["grads"]["failed"] > 0
+
+
+# --- usage and environment errors: exit 2, clear message, no passing result --------------------------
+
+def _no_pass(res):
+    assert res is None or (res["status"] == "error" and res["passed"] is False)
+
+
+def test_missing_environment(root):
+    rc, out, err, res = parity_run(root, "noenv", "--jittor-python", "/nonexistent/jittor/bin/python")
+    assert rc == 2, _explain(rc, out, err, res)
+    assert "[jittor]" in err and "jittor environment missing" in err and "/nonexistent/jittor/bin/python" in err
+    _no_pass(res)
+
+
+def test_corrupt_weights(root, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": [1, 2, 3]}garbage")
+    rc, out, err, res = parity_run(root, "badweights", "--weights", str(bad))
+    assert rc == 2, _explain(rc, out, err, res)
+    assert "weights" in err and str(bad) in err
+    _no_pass(res)
+
+
+def test_weights_of_another_config(root, tmp_path):
+    from rtdetr_core.init import seeded_weights
+    from weights_convert import write_weights
+    p = str(tmp_path / "r18.safetensors")
+    write_weights(p, seeded_weights("r18vd", 0))
+    rc, out, err, res = parity_run(root, "otherweights", "--weights", p)
+    assert rc == 2, _explain(rc, out, err, res)
+    assert "do not match config 'smoke'" in err
+    _no_pass(res)
+
+
+def test_config_mismatch_between_sides(root):
+    rc, out, err, res = parity_run(root, "cfgmismatch", "--inject-fault", "config:decoder.num_queries=200")
+    assert rc == 2, _explain(rc, out, err, res)
+    assert "[jittor]" in err and "config mismatch" in err
+    _no_pass(res)
+    assert res["error"]["side"] == "jittor" and res["error"]["cause"] == "config mismatch"
+
+
+@pytest.mark.parametrize("kind,expect", [("raise", "RuntimeError: injected crash"), ("abort", "SIGABRT")])
+def test_backend_crash(root, kind, expect):
+    rc, out, err, res = parity_run(root, f"crash-{kind}", "--inject-fault", f"crash:{kind}", "--no-reference")
+    assert rc == 2, _explain(rc, out, err, res)
+    assert "[jittor]" in err and "crash" in err and expect in err
+    _no_pass(res)
+    assert res["error"]["cause"] == "backend crash"
+
+
+# --- harness self-test, independent of the Jittor backend's state: torch against torch ------------
+
+def test_torch_against_torch_is_exact(root):
+    rc, out, err, res = parity_run(root, "self", "--candidate-backend", "torch", dtype="float64")
+    assert rc == 0, _explain(rc, out, err, res)
+    assert all(e["rule"] == "exact" for e in res["tensors"])
+
+
+@pytest.mark.parametrize("fault", ["backbone", "encoder", "decoder"])
+def test_fault_localised_torch_against_torch(root, fault):
+    spec, module = FAULTS[fault]
+    rc, out, err, res = parity_run(root, f"self-fault-{fault}", "--candidate-backend", "torch",
+                                   "--inject-fault", spec, dtype="float64")
+    assert rc == 1, _explain(rc, out, err, res)
+    fd = res["first_divergence"]
+    assert fd["module"] == module and fd["upstream_max_err"] == 0.0, _explain(rc, out, err, res)
+
+
+# --- parity-r50vd acceptance (opt-in: RTDETR_PARITY_SLOW=1) -------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["forward", "grad"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_r50vd_passes(root, stage, dtype):
+    if os.environ.get("RTDETR_PARITY_SLOW") != "1":
+        pytest.skip("parity-r50vd runs are opt-in: set RTDETR_PARITY_SLOW=1")
+    out = os.path.join(root, f"r50-{stage}-{dtype}")
+    env = dict(os.environ)
+    env["RTDETR_PARITY_TORCH_PYTHON"] = env_python("torch")
+    env.setdefault("RTDETR_PARITY_JITTOR_PYTHON", env_python("jittor"))
+    cmd = [env_python("torch"), "-m", "parity", "run", "--stage", stage, "--config", "parity-r50vd",
+           "--batch-size", "2", "--dtype", dtype, "--share-decisions", "--out", out]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=4 * 3600)
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert p.returncode == 0, _explain(p.returncode, p.stdout, p.stderr, res)
+    assert res["status"] == "pass"
