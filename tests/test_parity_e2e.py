@@ -61,11 +61,17 @@ def _explain(rc, out, err, res):
 # failure the day the backend is fixed.
 JT_F64_CONSTANTS = pytest.mark.xfail(strict=True, reason="Jittor float64: Python float constants are float32")
 F64_KNOWN_BAD = pytest.param("float64", marks=JT_F64_CONSTANTS)
+# The float64 grad runs fail for the same reason but cost ~10 min of first-time float64
+# kernel compilation on a fresh machine: listed, not run, until the backend is fixed.
+F64_KNOWN_BAD_NOT_RUN = pytest.param("float64", marks=pytest.mark.xfail(
+    run=False, reason="Jittor float64: Python float constants are float32 (not run: compile cost)"))
 
 
 @pytest.mark.parametrize("stage", ["forward", "grad"])
 @pytest.mark.parametrize("dtype", [F64_KNOWN_BAD, "float32"])
 def test_smoke_passes(root, stage, dtype):
+    if dtype == "float64" and stage == "grad":
+        pytest.xfail("Jittor float64 constants (not run: ~10 min of float64 kernel compilation when cold)")
     rc, out, err, res = parity_run(root, "smoke", stage=stage, dtype=dtype)
     assert rc == 0, _explain(rc, out, err, res)
     assert res["status"] == "pass" and res["passed"] is True and res["first_divergence"] is None
@@ -113,7 +119,7 @@ def test_injected_fault_named_as_first_divergence(root, fault, dtype):
     assert f"first divergence: {module}" in out
 
 
-@pytest.mark.parametrize("dtype", [F64_KNOWN_BAD, "float32"])
+@pytest.mark.parametrize("dtype", [F64_KNOWN_BAD_NOT_RUN, "float32"])
 def test_injected_fault_in_grad_stage(root, dtype):
     spec, module = FAULTS["decoder"]
     rc, out, err, res = parity_run(root, "fault-decoder", "--inject-fault", spec, stage="grad", dtype=dtype)
