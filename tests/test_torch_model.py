@@ -303,3 +303,34 @@ def test_float64_everywhere():
     ref = smoke_adapter("float32").loss(images, targets, draws)
     for k in ref["losses"]:
         assert res["losses"][k] == pytest.approx(ref["losses"][k], rel=1e-3, abs=1e-4), k
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batchnorm_backward_strided_grad(batch):
+    """torch 2.13's CPU BatchNorm backward is wrong when grad_output is channels-last with a
+    non-canonical batch stride (legal at batch 1: what flatten(2).permute(0, 2, 1) + cat
+    send back from the decoder memory).  The backend's BatchNorm2d gets it right."""
+    from backends.torch_impl.framework import BatchNorm2d
+    g = torch.Generator().manual_seed(0)
+    c, h, w, extra = 8, 4, 4, 5
+    x = torch.randn(batch, c, h, w, dtype=torch.float64, generator=g)
+    gm = torch.randn(batch, h * w + extra, c, dtype=torch.float64, generator=g)
+
+    def grads(bn):
+        xi = x.clone().requires_grad_(True)
+        y = bn(xi)
+        mem = torch.cat([y.flatten(2).permute(0, 2, 1), torch.zeros(batch, extra, c, dtype=torch.float64)], 1)
+        (mem * gm).sum().backward()
+        return xi.grad, bn.weight.grad, bn.bias.grad
+
+    gy = gm[:, :h * w].permute(0, 2, 1).reshape(batch, c, h, w).contiguous()
+    xr = x.clone().requires_grad_(True)
+    mu = xr.mean((0, 2, 3), keepdim=True)
+    var = ((xr - mu) ** 2).mean((0, 2, 3), keepdim=True)
+    ((xr - mu) / torch.sqrt(var + 1e-5) * gy).sum().backward()      # weight 1, bias 0
+    want = (xr.grad, ((x - mu) / torch.sqrt(var + 1e-5) * gy).sum((0, 2, 3)).detach(), gy.sum((0, 2, 3)))
+    for got, ref in zip(grads(BatchNorm2d(c).double().train()), want):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if batch == 1:      # the upstream bug itself (fails the day torch fixes it: then drop the workaround)
+        plain = grads(torch.nn.BatchNorm2d(c).double().train())
+        assert (plain[2] - want[2]).abs().max() > 1e-3

@@ -18,9 +18,36 @@ NAME = "torch"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-# Normalisation / embedding layers: torch's own are already what the contract wants
-# (unbiased running variance, momentum 0.1, eps 1e-5; padding row looked up, zero grad).
-BatchNorm2d = nn.BatchNorm2d
+
+
+def _memory_format(x: torch.Tensor):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """torch's BatchNorm2d (unbiased running variance, momentum 0.1, eps 1e-5; same keys),
+    except that in training the gradient reaches its backward in its input's layout.
+
+    Why: torch 2.13's CPU BatchNorm backward (train mode) silently returns wrong input,
+    weight and bias gradients when the input is NCHW-contiguous and grad_output is
+    channels-last with a non-canonical batch stride -- a legal layout at batch size 1, and
+    exactly what ``feat.flatten(2).permute(0, 2, 1)`` + ``torch.cat`` (decoder memory, AIFI
+    tokens) send back.  Measured: decoder.input_proj.*.norm.bias gradients 3x off at batch
+    1 (exact at batch 2); the official RT-DETR code has the same problem on this torch.
+    Test: tests/test_torch_model.py::test_batchnorm_backward_strided_grad."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.training and y.requires_grad:
+            fmt = _memory_format(x)
+            y.register_hook(lambda g: g if g.is_contiguous(memory_format=fmt) else g.contiguous(memory_format=fmt))
+        return y
+
+
+# Other normalisation / embedding layers: torch's own are already what the contract wants
+# (padding row looked up, zero grad).
 LayerNorm = nn.LayerNorm
 Embedding = nn.Embedding
 MultiheadAttention = nn.MultiheadAttention
