@@ -286,3 +286,58 @@ def test_no_pickle_loading_and_constants_stay_out_of_state_dict():
     from rtdetr_core.param_spec import param_spec
     a = Adapter("smoke")
     assert list(a.model.state_dict()) == [e.name for e in param_spec("smoke") if e.dtype != "int64"]
+
+
+def test_float64_constants_are_exact():
+    """Jittor turns every Python float into a float32 constant, also in float64 graphs
+    (x64 * 0.1 is 1.5e-9 off): BN momentum, eps, GELU, attention scale, clamp bounds and
+    AdamW / clipping hyper-parameters go through ``fw.scalar`` and agree with torch's
+    float64 to rounding (1e-13), where the float32 constants were 1e-9..1e-8 off."""
+    r = ref("float64_constants")
+    tight = dict(atol=0, rtol=1e-12)
+    # BatchNorm2d, train mode, two momentum updates; value and gradients
+    bn = fw.BatchNorm2d(3)
+    for n in ("weight", "bias", "running_mean", "running_var"):
+        fw.assign(getattr(bn, n), fw.to_numpy(getattr(bn, n)), "float64")
+    x = v(r["bn_x"])
+    bn(x)
+    y = bn(x)
+    gx, gw = jt.grad((y * v(r["bn_gy"])).sum(), [x, bn.weight])
+    close(y, r["bn_y"], atol=1e-13)
+    close(gx, r["bn_gx"], atol=1e-12)
+    close(gw, r["bn_gw"], atol=1e-12)
+    close(bn.running_mean, r["bn_rm"], **tight)
+    close(bn.running_var, r["bn_rv"], **tight)
+    # GELU (erf form): value and gradient
+    from backends.jittor_impl.common import GELU, inverse_sigmoid
+    g = v(r["gelu_x"])
+    ge = GELU()(g)
+    close(ge, r["gelu_y"], atol=1e-14)
+    close(jt.grad(ge.sum(), g), r["gelu_g"], atol=1e-14)
+    # LayerNorm eps
+    ln = fw.LayerNorm(6)
+    for n in ("weight", "bias"):
+        fw.assign(getattr(ln, n), fw.to_numpy(getattr(ln, n)), "float64")
+    close(ln(v(r["ln_x"])), r["ln_y"], atol=1e-12)
+    # attention scale 1/sqrt(8)
+    mha = fw.MultiheadAttention(24, 3)
+    fw.assign(mha.in_proj_weight, r["mha_in_proj_weight"], "float64")
+    fw.assign(mha.in_proj_bias, r["mha_in_proj_bias"], "float64")
+    fw.assign(mha.out_proj.weight, r["mha_out_proj_weight"], "float64")
+    fw.assign(mha.out_proj.bias, r["mha_out_proj_bias"], "float64")
+    q = v(r["mha_q"])
+    close(mha(q, q, q)[0], r["mha_out"], atol=1e-13)
+    # inverse_sigmoid: clamp bounds at eps = 1e-5 exactly
+    close(inverse_sigmoid(v(r["inv_x"])), r["inv_y"], atol=1e-13)
+    # AdamW + clip_grad_norm, 3 steps, group overrides
+    from backends.jittor_impl.optim import clip_grad_norm
+    ps = [v(r[f"p0_{i}"]) for i in range(2)]
+    opt = fw.AdamW([{"names": ["a"], "params": ps[:1]},
+                    {"names": ["b"], "params": ps[1:], "lr": 3e-4, "weight_decay": 0.0}],
+                   lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+    for s in range(3):
+        grads = {n: v(r[f"g{s}_{i}"]) for i, n in enumerate("ab")}
+        assert abs(clip_grad_norm(grads, 0.1) - r["norms"][s]) <= 1e-13 * r["norms"][s]
+        opt.step(grads)
+        for i in range(2):
+            close(ps[i], r[f"p{i}_step{s}"], atol=1e-15)

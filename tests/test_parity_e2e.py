@@ -54,24 +54,9 @@ def _explain(rc, out, err, res):
 
 # --- the smoke preset passes, both stages, both dtypes ---------------------------------------------
 
-# Known backend bug (open): Jittor turns Python float constants into float32 even on float64
-# tensors (x64 * 0.1 - 0.1 = 1.5e-9), so GELU, BN momentum and AdamW hyper-parameters carry
-# float32 rounding into float64 runs: AIFI output 1.9e-9 off, step params 3e-8 off.  The
-# harness reports it correctly (first divergence encoder.encoder.0); strict xfail flips to a
-# failure the day the backend is fixed.
-JT_F64_CONSTANTS = pytest.mark.xfail(strict=True, reason="Jittor float64: Python float constants are float32")
-F64_KNOWN_BAD = pytest.param("float64", marks=JT_F64_CONSTANTS)
-# The float64 grad runs fail for the same reason but cost ~10 min of first-time float64
-# kernel compilation on a fresh machine: listed, not run, until the backend is fixed.
-F64_KNOWN_BAD_NOT_RUN = pytest.param("float64", marks=pytest.mark.xfail(
-    run=False, reason="Jittor float64: Python float constants are float32 (not run: compile cost)"))
-
-
 @pytest.mark.parametrize("stage", ["forward", "grad"])
-@pytest.mark.parametrize("dtype", [F64_KNOWN_BAD, "float32"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_smoke_passes(root, stage, dtype):
-    if dtype == "float64" and stage == "grad":
-        pytest.xfail("Jittor float64 constants (not run: ~10 min of float64 kernel compilation when cold)")
     rc, out, err, res = parity_run(root, "smoke", stage=stage, dtype=dtype)
     assert rc == 0, _explain(rc, out, err, res)
     assert res["status"] == "pass" and res["passed"] is True and res["first_divergence"] is None
@@ -91,6 +76,17 @@ def test_smoke_passes(root, stage, dtype):
     assert "PASS:" in out
 
 
+def test_smoke_batch1_grad_float64(root):
+    """Batch size 1 (the reference experiment's): torch 2.13's CPU BatchNorm backward gets a
+    channels-last grad_output at batch 1 and was 3x off on the decoder input projections
+    until backends/torch_impl/framework.BatchNorm2d handed it a dense gradient; Jittor was
+    right.  float64: every gradient and the optimiser step agree (<= 1e-7 / 1e-9)."""
+    rc, out, err, res = parity_run(root, "batch1", "--batch-size", "1", stage="grad", dtype="float64")
+    assert rc == 0, _explain(rc, out, err, res)
+    assert res["batch_size"] == 1 and res["passed"] is True
+    assert res["groups"]["grads"]["failed"] == 0 and res["groups"]["step"]["failed"] == 0
+
+
 # --- deliberately broken variants are caught and localised --------------------------------------
 
 FAULTS = {
@@ -101,14 +97,9 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [
-    # float64: the backbone fault is named (upstream of AIFI); the others are masked by the
-    # known float64 bug above, which diverges first at encoder.encoder.0.
-    "float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_injected_fault_named_as_first_divergence(root, fault, dtype):
-    if dtype == "float64" and fault != "backbone":
-        pytest.xfail("masked by the known Jittor float64 constant bug (first divergence encoder.encoder.0)")
     spec, module = FAULTS[fault]
     rc, out, err, res = parity_run(root, f"fault-{fault}", "--inject-fault", spec, dtype=dtype)
     assert rc == 1, _explain(rc, out, err, res)
@@ -119,7 +110,7 @@ def test_injected_fault_named_as_first_divergence(root, fault, dtype):
     assert f"first divergence: {module}" in out
 
 
-@pytest.mark.parametrize("dtype", [F64_KNOWN_BAD_NOT_RUN, "float32"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_injected_fault_in_grad_stage(root, dtype):
     spec, module = FAULTS["decoder"]
     rc, out, err, res = parity_run(root, "fault-decoder", "--inject-fault", spec, stage="grad", dtype=dtype)

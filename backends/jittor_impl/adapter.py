@@ -149,7 +149,7 @@ class Adapter:
             return {"decoder.denoising_class_embed.weight"}
         return set()
 
-    def _train_loss(self, images, targets, dn_draws, matches, topk_index, multi_scale_size=None):
+    def _train_forward_loss(self, images, targets, dn_draws, matches, topk_index, multi_scale_size=None):
         fw.set_training(self.model, True)
         tgts = self._targets(targets)
         out = self.model(self._images(images), tgts, dn_draws, topk_index, multi_scale_size)
@@ -175,7 +175,7 @@ class Adapter:
         trainable parameter in spec order (zeros for a parameter the loss did not reach)."""
         rec = Recorder() if capture else None
         with (rec if rec is not None else nullcontext()):
-            out, losses, used, total = self._train_loss(images, targets, dn_draws, matches, topk_index)
+            out, losses, used, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index)
         res = {"losses": OrderedDict((k, float(v.item())) for k, v in losses.items()),
                "total": float(total.item()), "matches": used, "outputs": _tree_to_numpy(out)}
         if backward:
@@ -196,12 +196,14 @@ class Adapter:
             if self.cfg.ema.enabled:
                 self.ema = ModelEMA(self.model, self.cfg.ema.decay, self.cfg.ema.warmups)
 
-    def train_step(self, images, targets, dn_draws=None, *, matches=None, multi_scale_size=None) -> dict:
+    def train_step(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
+                   multi_scale_size=None) -> dict:
         """Official loop without AMP: zero_grad, forward, loss, backward, clip_grad_norm,
         AdamW step, EMA update (if enabled).  Gradients are fresh each step (jt.grad), so
         zero_grad is implicit."""
         self._ensure_optimizer()
-        out, losses, _, total = self._train_loss(images, targets, dn_draws, matches, None, multi_scale_size)
+        out, losses, _, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index,
+                                                         multi_scale_size)
         grads = self._grads(out, total)
         grad_norm = clip_grad_norm(grads, self.cfg.optimizer.clip_max_norm)
         self.optimizer.step(grads)

@@ -23,10 +23,11 @@ class ReLU(nn.Module):
 
 
 class GELU(nn.Module):
-    """Exact (erf) GELU, torch's default."""
+    """Exact (erf) GELU, torch's default: x/2 (1 + erf(x / sqrt 2)) (``nn.gelu`` and the
+    gradient of ``jt.erf`` use float32 constants, 1.3e-8 off in float64 graphs)."""
 
     def execute(self, x):
-        return nn.gelu(x)
+        return fw.gelu(x)
 
 
 class Dropout(nn.Module):
@@ -83,7 +84,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.running_var = fw.freeze(jt.ones(num_features))
 
     def execute(self, x):
-        scale = self.weight * (1.0 / jt.sqrt(self.running_var + self.eps))
+        scale = self.weight * (1.0 / jt.sqrt(self.running_var + fw.scalar(self.eps, self.running_var)))
         bias = self.bias - self.running_mean * scale
         return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
 

@@ -64,7 +64,7 @@ class SetCriterion(nn.Module):
         pred_score = fw.sigmoid(src_logits).detach()
         weight = self.alpha * pred_score ** self.gamma * (1 - target) + target_score
         loss = fw.bce_with_logits(src_logits, target_score, weight=weight)
-        loss = loss.mean(1).sum() * q / num_boxes
+        loss = fw.mean(loss, 1).sum() * fw.scalar(q / num_boxes, loss)   # one exact factor (see _weighted)
         return {"loss_vfl": loss}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes):
@@ -75,9 +75,9 @@ class SetCriterion(nn.Module):
             return {"loss_bbox": z, "loss_giou": z}
         src_boxes = outputs["pred_boxes"][fw.constant(bi), fw.constant(si)]
         target_boxes = self._matched_targets(targets, indices, "boxes")
-        loss_bbox = fw.abs_(src_boxes - target_boxes).sum() / num_boxes
+        loss_bbox = fw.abs_(src_boxes - target_boxes).sum() / fw.scalar(num_boxes, src_boxes)
         giou = _diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))
-        loss_giou = (1 - giou).sum() / num_boxes
+        loss_giou = (1 - giou).sum() / fw.scalar(num_boxes, giou)
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def get_loss(self, loss, outputs, targets, indices, num_boxes):
@@ -90,7 +90,9 @@ class SetCriterion(nn.Module):
         for loss in self.losses:
             for k, v in self.get_loss(loss, outputs, targets, indices, num_boxes).items():
                 if k in self.weight_dict:
-                    out[k + suffix] = v * self.weight_dict[k]
+                    # Var factors: Jittor folds chains of Python-float factors (/ 11 * 5)
+                    # into one float32 constant, also in float64 graphs (grads 3e-8 off)
+                    out[k + suffix] = v * fw.scalar(self.weight_dict[k], v)
         return out
 
     def compute(self, outputs, targets, matches: Optional[Dict[str, List[np.ndarray]]] = None):

@@ -32,7 +32,7 @@ class ModelEMA:
         touched = []
         for k, v in self.module.state_dict().items():
             if v.dtype.is_float():
-                fw.update_(v, v * d + (1 - d) * msd[k].detach())      # v *= d; v += (1-d) * m
+                fw.update_(v, v * fw.scalar(d, v) + fw.scalar(1 - d, v) * msd[k].detach())  # v *= d; v += (1-d) m
                 touched.append(v)
         fw.jt.sync(touched)
 

@@ -80,6 +80,31 @@ def from_numpy(a, dtype: Optional[str] = None, device: str = "cpu") -> jt.Var:
     return jt.array(a, dtype=str(a.dtype))
 
 
+def scalar(value: float, like: jt.Var):
+    """``value`` for arithmetic with ``like``.  Jittor makes every Python float a float32
+    constant, also in float64 graphs (x64 * 0.1 is off by 1.5e-9, x64 / sqrt(2) by 3.6e-8):
+    float64 operands get an exact float64 Var; float32 ones keep the plain float (the
+    same rounding, and kernels stay fused)."""
+    if like.dtype == jt.float64:
+        return jt.array(np.asarray(value, dtype=np.float64), dtype="float64").stop_grad()
+    return value
+
+
+def full_like(x: jt.Var, value: float) -> jt.Var:
+    """torch.full_like, exact in float64 (``jt.full_like`` rounds value to float32)."""
+    if x.dtype == jt.float64:
+        return scalar(value, x).broadcast(x.shape)
+    return jt.full_like(x, value).stop_grad()
+
+
+def mean(x: jt.Var, dims, keepdims: bool = False) -> jt.Var:
+    """x.mean(dims) as sum / count: the gradient of ``Var.mean`` multiplies by a float32
+    1/n, 1.5e-9 off in float64 graphs (the forward is exact either way)."""
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    count = int(np.prod([x.shape[d] for d in dims]))
+    return x.sum(dims=dims, keepdims=keepdims) / count
+
+
 def constant(a, dtype: Optional[str] = None) -> jt.Var:
     """A Var that never receives gradients (anchors, masks, targets)."""
     return from_numpy(a, dtype).stop_grad()
@@ -154,6 +179,24 @@ class _LogSigmoid(jt.Function):
         return g * _Sigmoid()(-self.x)
 
 
+class _GELU(jt.Function):
+    """x/2 (1 + erf(x / sqrt 2)); gradient Phi(x) + x phi(x) with dtype-exact constants."""
+
+    def execute(self, x):
+        self.x = x.stop_grad()
+        self.cdf = (1.0 + jt.erf(x * scalar(1.0 / np.sqrt(2.0), x))) * 0.5
+        return x * self.cdf
+
+    def grad(self, g):
+        x = self.x
+        pdf = jt.exp(x * x * -0.5) * scalar(1.0 / np.sqrt(2.0 * np.pi), x)
+        return g * (self.cdf + x * pdf)
+
+
+def gelu(x: jt.Var) -> jt.Var:
+    return _GELU()(x)
+
+
 def sigmoid(x: jt.Var) -> jt.Var:
     return _Sigmoid()(x)
 
@@ -170,9 +213,9 @@ def clamp(x: jt.Var, min: Optional[float] = None, max: Optional[float] = None) -
     """torch.clamp: gradient passes where min <= x <= max (boundaries included; Jittor's
     clamp gives 0 there)."""
     if min is not None:
-        x = jt.where(x < min, jt.full_like(x, min).stop_grad(), x)
+        x = jt.where(x < scalar(min, x), full_like(x, min), x)
     if max is not None:
-        x = jt.where(x > max, jt.full_like(x, max).stop_grad(), x)
+        x = jt.where(x > scalar(max, x), full_like(x, max), x)
     return x
 
 
@@ -273,22 +316,23 @@ class BatchNorm2d(nn.Module):
         # x [N, C, H, W]
         if self.is_training():
             xd = x.float64()
-            mean = xd.mean(dims=[0, 2, 3])
-            var = ((xd - mean.reshape(1, -1, 1, 1)) ** 2).mean(dims=[0, 2, 3])
+            mu = mean(xd, [0, 2, 3])
+            var = mean((xd - mu.reshape(1, -1, 1, 1)) ** 2, [0, 2, 3])
             n = x.numel() // x.shape[1]
-            m = self.momentum
-            rm = (1 - m) * self.running_mean.float64() + m * mean.detach()
-            rv = (1 - m) * self.running_var.float64() + m * var.detach() * (n / max(n - 1, 1))
+            m, keep = scalar(self.momentum, xd), scalar(1 - self.momentum, xd)
+            unbias = scalar(n / max(n - 1, 1), xd)
+            rm = keep * self.running_mean.float64() + m * mu.detach()
+            rv = keep * self.running_var.float64() + m * (var.detach() * unbias)
             update_(self.running_mean, rm.cast(self.running_mean.dtype))
             update_(self.running_var, rv.cast(self.running_var.dtype))
             self._num_batches_tracked += 1
-            invstd = (1.0 / jt.sqrt(var + self.eps)).cast(x.dtype)
-            mean = mean.cast(x.dtype)
+            invstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
+            mu = mu.cast(x.dtype)
         else:
-            mean = self.running_mean
-            invstd = 1.0 / jt.sqrt(self.running_var + self.eps)
+            mu = self.running_mean
+            invstd = 1.0 / jt.sqrt(self.running_var + scalar(self.eps, self.running_var))
         scale = self.weight * invstd
-        shift = self.bias - mean * scale
+        shift = self.bias - mu * scale
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
 
@@ -303,10 +347,10 @@ class LayerNorm(nn.Module):
 
     def execute(self, x: jt.Var) -> jt.Var:
         xd = x.float64()
-        mean = xd.mean(dim=-1, keepdims=True)
-        var = ((xd - mean) ** 2).mean(dim=-1, keepdims=True)
-        rstd = (1.0 / jt.sqrt(var + self.eps)).cast(x.dtype)
-        return (x - mean.cast(x.dtype)) * rstd * self.weight + self.bias
+        mu = mean(xd, -1, keepdims=True)
+        var = mean((xd - mu) ** 2, -1, keepdims=True)
+        rstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
+        return (x - mu.cast(x.dtype)) * rstd * self.weight + self.bias
 
 
 class Embedding(nn.Module):
@@ -350,10 +394,10 @@ class MultiheadAttention(nn.Module):
         q = nn.linear(query, w[:e], bias[:e]).reshape(b, l, h, d).permute(0, 2, 1, 3)
         k = nn.linear(key, w[e:2 * e], bias[e:2 * e]).reshape(b, s, h, d).permute(0, 2, 1, 3)
         v = nn.linear(value, w[2 * e:], bias[2 * e:]).reshape(b, s, h, d).permute(0, 2, 1, 3)
-        att = jt.matmul(q, k.permute(0, 1, 3, 2)) * (1.0 / float(np.sqrt(d)))   # [B, H, L, S]
+        att = jt.matmul(q, k.permute(0, 1, 3, 2)) * scalar(1.0 / float(np.sqrt(d)), q)   # [B, H, L, S]
         if attn_mask is not None:
             if attn_mask.dtype == jt.bool:
-                att = jt.where(attn_mask, jt.full_like(att, float("-inf")).stop_grad(), att)
+                att = jt.where(attn_mask, full_like(att, float("-inf")), att)
             else:
                 att = att + attn_mask
         att = softmax(att, dim=-1)
@@ -388,10 +432,11 @@ class AdamW:
                                                   "exp_avg_sq": jt.zeros_like(p).stop_grad()})
                 st["step"] += 1
                 t = st["step"]
-                m = st["exp_avg"] + (grad - st["exp_avg"]) * (1 - b1)        # lerp, as torch
-                v = st["exp_avg_sq"] * b2 + grad * grad * (1 - b2)
-                denom = jt.sqrt(v) / float(np.sqrt(1 - b2 ** t)) + eps
-                new = p * (1 - lr * wd) - m / denom * (lr / (1 - b1 ** t))  # decay, then step
+                c = lambda v: scalar(v, p)                                   # exact in float64
+                m = st["exp_avg"] + (grad - st["exp_avg"]) * c(1 - b1)       # lerp, as torch
+                v = st["exp_avg_sq"] * c(b2) + grad * grad * c(1 - b2)
+                denom = jt.sqrt(v) / c(float(np.sqrt(1 - b2 ** t))) + c(eps)
+                new = p * c(1 - lr * wd) - m / denom * c(lr / (1 - b1 ** t))  # decay, then step
                 update_(p, new)
                 update_(st["exp_avg"], m)
                 update_(st["exp_avg_sq"], v)

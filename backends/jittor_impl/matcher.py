@@ -38,8 +38,8 @@ class HungarianMatcher(nn.Module):
         tgt_bbox = jt.concat([t["boxes"] for t in targets if len(t["labels"])], dim=0)
         out_prob = out_prob[:, fw.constant(tgt_ids)]                                # [BQ, T]
         if self.use_focal_loss:
-            neg = (1 - self.alpha) * (out_prob ** self.gamma) * (-jt.log(1 - out_prob + 1e-8))
-            pos = self.alpha * ((1 - out_prob) ** self.gamma) * (-jt.log(out_prob + 1e-8))
+            neg = (1 - self.alpha) * (out_prob ** self.gamma) * (-jt.log(1 - out_prob + fw.scalar(1e-8, out_prob)))
+            pos = self.alpha * ((1 - out_prob) ** self.gamma) * (-jt.log(out_prob + fw.scalar(1e-8, out_prob)))
             cost_class = pos - neg
         else:
             cost_class = -out_prob

@@ -67,7 +67,7 @@ def clip_grad_norm(grads: Dict[str, jt.Var], max_norm: float) -> float:
     if max_norm > 0:
         coef = min(max_norm / (total + 1e-6), 1.0)
         for k, g in items:
-            grads[k] = (g * coef).stop_grad()
+            grads[k] = (g * fw.scalar(coef, g)).stop_grad()
     return total
 
 

@@ -184,7 +184,8 @@ class Adapter:
             if self.cfg.ema.enabled:
                 self.ema = ModelEMA(self.model, self.cfg.ema.decay, self.cfg.ema.warmups)
 
-    def train_step(self, images, targets, dn_draws=None, *, matches=None, multi_scale_size=None) -> dict:
+    def train_step(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
+                   multi_scale_size=None) -> dict:
         """Official loop without AMP: zero_grad, forward, loss, backward, clip_grad_norm,
         AdamW step, EMA update (if enabled)."""
         self._ensure_optimizer()
@@ -192,7 +193,8 @@ class Adapter:
         self.criterion.train()
         x, tgts = self._images(images), self._targets(targets)
         self.optimizer.zero_grad(set_to_none=True)
-        _, losses, _, total = self._train_forward_loss(x, tgts, dn_draws, matches, None, multi_scale_size)
+        _, losses, _, total = self._train_forward_loss(x, tgts, dn_draws, matches, self._topk(topk_index),
+                                                       multi_scale_size)
         total.backward()
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.clip_max_norm)
         self.optimizer.step()

@@ -279,8 +279,70 @@ def elementwise():
          softmax_last=F.softmax(t(m), dim=-1), softmax_1=F.softmax(t(m), dim=1))
 
 
+def float64_constants():
+    """Float64 graphs whose constants are not float32-representable: BN momentum and
+    unbiased factor, LayerNorm/BN eps, GELU's 1/sqrt(2) (value and gradient), attention
+    scale 1/sqrt(d), inverse_sigmoid's clamp eps, AdamW hyper-parameters and clipping."""
+    rng = np.random.default_rng(21)
+    d = torch.float64
+    x = rng.normal(0.3, 2.0, (2, 3, 5, 5))
+    gy = rng.normal(0, 1, x.shape)
+    bn = nn.BatchNorm2d(3).to(d).train()
+    xt = t(x, True)
+    y = bn(xt)
+    y = bn(xt)                                    # two momentum updates
+    y.backward(t(gy))
+    g = rng.normal(0, 3, 41)
+    gt = t(g, True)
+    ge = F.gelu(gt)
+    ge.backward(torch.ones_like(ge))
+    ln = nn.LayerNorm(6).to(d)
+    lx = rng.normal(5.0, 1e-2, (4, 6))
+    lnx = t(lx, True)
+    lo = ln(lnx)
+    lo.backward(t(rng.normal(0, 1, lo.shape)))
+    q = rng.normal(0, 1, (2, 5, 24))
+    mha = nn.MultiheadAttention(24, 3, batch_first=True).to(d)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(t(rng.normal(0, 0.3, (72, 24))))
+        mha.in_proj_bias.copy_(t(rng.normal(0, 0.1, 72)))
+        mha.out_proj.weight.copy_(t(rng.normal(0, 0.3, (24, 24))))
+        mha.out_proj.bias.copy_(t(rng.normal(0, 0.1, 24)))
+    att = mha(t(q), t(q), t(q), need_weights=False)[0]
+    s = np.array([0.0, 1e-6, 3e-6, 0.3, 1 - 1e-6, 1.0])
+    st = t(s).clamp(min=0, max=1)
+    inv = torch.log(st.clamp(min=1e-5) / (1 - st).clamp(min=1e-5))
+    p0 = [rng.normal(0, 1, sh) for sh in [(3, 4), (5,)]]
+    grads = [[rng.normal(0, 1, sh) for sh in [(3, 4), (5,)]] for _ in range(3)]
+    ps = [nn.Parameter(t(a.copy())) for a in p0]
+    opt = torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-4, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+    steps, norms = {}, []
+    for k in range(3):
+        opt.zero_grad(set_to_none=True)
+        for i, p in enumerate(ps):
+            p.grad = t(grads[k][i].copy())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ps, 0.1)))
+        opt.step()
+        for i, p in enumerate(ps):
+            steps[f"p{i}_step{k}"] = p.detach().clone()
+    sd = mha.state_dict()
+    save("float64_constants", bn_x=x, bn_gy=gy, bn_y=y, bn_gx=xt.grad, bn_gw=bn.weight.grad,
+         bn_rm=bn.running_mean, bn_rv=bn.running_var, gelu_x=g, gelu_y=ge, gelu_g=gt.grad,
+         ln_x=lx, ln_y=lo, ln_gx=lnx.grad, mha_q=q, mha_out=att,
+         **{f"mha_{k.replace('.', '_')}": v for k, v in sd.items()},
+         inv_x=s, inv_y=inv, **{f"p0_{i}": a for i, a in enumerate(p0)},
+         **{f"g{k}_{i}": grads[k][i] for k in range(3) for i in range(2)}, **steps, norms=np.array(norms))
+
+
+ALL = (ieee, batchnorm, layernorm, eval_grads, adamw_clip, load_cast, float64, interpolate, embedding,
+       topk_max, mha, losses_elementwise, sigmoid_family, boundary_grads, grid_sample_core, elementwise,
+       float64_constants)
+
 if __name__ == "__main__":
+    import sys
     print("torch", torch.__version__)
-    for f in (ieee, batchnorm, layernorm, eval_grads, adamw_clip, load_cast, float64, interpolate, embedding,
-              topk_max, mha, losses_elementwise, sigmoid_family, boundary_grads, grid_sample_core, elementwise):
-        f()
+    wanted = set(sys.argv[1:])                    # names to (re)record; none = all
+    for f in ALL:
+        if not wanted or f.__name__ in wanted:
+            f()
