@@ -31,25 +31,9 @@ from typing import Any, Dict, List, Optional, TextIO
 import numpy as np
 
 from .worker import EXIT_CRASH, EXIT_ENV, EXIT_INPUT, EXIT_OK, WorkerFailure
-from .worker import peak_rss_mb as _ru_maxrss_mb
+from .worker import peak_rss_mb  # noqa: F401  (VmHWM; bench_worker imports it from here)
 
 _CHANNEL: Optional[TextIO] = None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of THIS process image (MB): ``VmHWM`` of /proc/self/status.
-
-    Not ``getrusage().ru_maxrss``: Linux carries the high-water mark of the pre-exec image
-    over ``execve``, and a worker is forked from the runner, so ru_maxrss never reports less
-    than the runner's own RSS at fork time (~0.5 GB after it built a case)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return _ru_maxrss_mb()
 
 
 def open_channel() -> TextIO:

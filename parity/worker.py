@@ -57,6 +57,19 @@ class WorkerFailure(Exception):
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of THIS process image (MB): ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the high-water mark of the pre-exec image
+    over ``execve``, and a worker is forked from the runner, so ru_maxrss never reports less
+    than the runner's own RSS at fork time (~0.5 GB after it built a case).  ru_maxrss is
+    the fallback where /proc is absent (macOS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
 
