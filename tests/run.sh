@@ -2,7 +2,8 @@
 # Run the whole test suite: once in the PyTorch environment (-m "not jittor") and once in
 # the Jittor environment (-m "not torch").  Pure-numpy tests run in both; cross-env tests
 # run from the PyTorch env and start the Jittor env themselves.  A missing environment is
-# an error, never a skip.  Extra arguments go to both pytest runs.
+# an error, never a skip; the only skips are the opt-in parity-r50vd runs (RTDETR_PARITY_SLOW=1),
+# and -rs prints their reason.  Extra arguments go to both pytest runs.
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -21,9 +22,9 @@ done
 out=$(mktemp -d)
 rc=0
 echo "=== pytest in the PyTorch environment ($tpy)"
-"$tpy" -m pytest -m "not jittor" --junitxml="$out/torch.xml" "$@" || rc=1
+"$tpy" -m pytest -rs -m "not jittor" --junitxml="$out/torch.xml" "$@" || rc=1
 echo "=== pytest in the Jittor environment ($jpy)"
-"$jpy" -m pytest -m "not torch" --junitxml="$out/jittor.xml" "$@" || rc=1
+"$jpy" -m pytest -rs -m "not torch" --junitxml="$out/jittor.xml" "$@" || rc=1
 # One closing line over both runs.
 "$tpy" - "$out/torch.xml" "$out/jittor.xml" <<'PY' || rc=1
 import sys, xml.etree.ElementTree as ET
