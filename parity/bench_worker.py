@@ -44,9 +44,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .predict_worker import check_device, emit, fail_event, import_adapter, load_model, open_channel, peak_rss_mb, \
+from .predict_worker import check_device, emit, fail_event, import_adapter, load_model, open_channel, \
     set_threads, threads_info
-from .worker import EXIT_INPUT, EXIT_OK, WorkerFailure
+from .worker import EXIT_INPUT, EXIT_OK, WorkerFailure, peak_rss_mb
 
 
 def current_rss_mb() -> Optional[float]:

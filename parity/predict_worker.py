@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, TextIO
 import numpy as np
 
 from .worker import EXIT_CRASH, EXIT_ENV, EXIT_INPUT, EXIT_OK, WorkerFailure
-from .worker import peak_rss_mb  # noqa: F401  (VmHWM; bench_worker imports it from here)
+from .worker import peak_rss_mb
 
 _CHANNEL: Optional[TextIO] = None
 

@@ -19,7 +19,6 @@ NAME = "torch"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-
 def _memory_format(x: torch.Tensor):
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
