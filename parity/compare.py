@@ -311,7 +311,10 @@ def first_divergence(entries: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     and the largest error upstream of it."""
     for i, e in enumerate(entries):
         if not e["passed"]:
-            up = [x for x in entries[:i] if x.get("kind") == "tensor"]
+            # upstream = earlier tensors of the same forward pass (the forward stage runs an
+            # eval pass, then a train-mode pass that does not depend on the eval one)
+            up = [x for x in entries[:i] if x.get("kind") == "tensor"
+                  and (e.get("mode") is None or x.get("mode") == e.get("mode"))]
             last = entries[i - 1] if i > 0 else None
             return {
                 "index": i, "name": e["name"], "module": e["module"], "group": e["group"],

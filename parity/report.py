@@ -451,6 +451,11 @@ def stage_plots(res: Mapping[str, Any], run_dir: str, prefix: str) -> Dict[str, 
     if ents:
         out[f"{prefix}forward_errors.png"] = plots.module_errors(
             ents, f"{res.get('stage')} {res.get('dtype')}: error per module, forward order")
+    tents = [e for e in res.get("tensors", []) if e.get("group") in ("train_intermediates", "train_outputs")
+             and e.get("kind") == "tensor"]
+    if tents:
+        out[f"{prefix}forward_train_errors.png"] = plots.module_errors(
+            tents, f"{res.get('stage')} {res.get('dtype')}, train mode: error per module, forward order")
     gg = grad_group_errors(res, run_dir)
     if gg:
         out[f"{prefix}grad_groups.png"] = plots.group_errors(gg, f"gradient error per parameter group ({res.get('dtype')})")

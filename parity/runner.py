@@ -45,7 +45,8 @@ from .thresholds import ThresholdError, load_thresholds
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 STAGES = ("forward", "grad")
 ENV_VARS = {"torch": "RTDETR_PARITY_TORCH_PYTHON", "jittor": "RTDETR_PARITY_JITTOR_PYTHON"}
-GROUP_ORDER = ("intermediates", "outputs", "decisions", "losses", "grads", "step")
+GROUP_ORDER = ("intermediates", "outputs", "train_intermediates", "train_outputs", "decisions", "losses",
+               "grads", "step")
 
 
 class RunError(Exception):
@@ -300,21 +301,23 @@ def run_job(job: Job, case_dir: str, device: str, progress: Progress, index: int
 
 def write_decisions_from(result_npz: str, dest: str) -> bool:
     from .worker import write_decisions
-    topk = None
+    topk = train_topk = None
     matches: Dict[str, Dict[int, np.ndarray]] = OrderedDict()
     with np.load(result_npz, allow_pickle=False) as z:
         meta = read_npz_meta(z)
         if "dec/topk" in z.files:
             topk = z["dec/topk"]
+        if "train/dec/topk" in z.files:
+            train_topk = z["train/dec/topk"]
         for call in meta.get("order", {}).get("matches", []):
             d = {}
             for k in z.files:
                 if k.startswith(f"match/{call}/"):
                     d[int(k.rsplit("/", 1)[1])] = z[k]
             matches[call] = [d[i] for i in sorted(d)]
-    if topk is None and not matches:
+    if topk is None and train_topk is None and not matches:
         return False
-    write_decisions(dest, topk, matches or None)
+    write_decisions(dest, topk, matches or None, train_topk=train_topk)
     return True
 
 
@@ -355,33 +358,44 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
             return None
         return zr[key]
 
-    def one(key, name, group, module=None, prior=None):
+    def one(key, name, group, module=None, prior=None, mode="eval" if stage == "forward" else "train"):
         if key not in fc:
-            return missing(name, group, key, module)
-        b, c = zb[key], zc[key]
-        if b.dtype.kind in "iub" or c.dtype.kind in "iub":
-            if name.endswith("enc_topk_index"):
-                e = C.judge_topk(name, c, b, min_ag, shared=cand_shared.get("topk", False))
-                e["module"] = module or name
+            missing(name, group, key, module)
+        else:
+            b, c = zb[key], zc[key]
+            if b.dtype.kind in "iub" or c.dtype.kind in "iub":
+                if name.endswith("enc_topk_index"):
+                    shared = cand_shared.get("train_topk" if mode == "train" and stage == "forward" else "topk", False)
+                    e = C.judge_topk(name, c, b, min_ag, shared=shared)
+                    e["module"] = module or name
+                else:
+                    e = C.judge_exact(name, group, c, b, module=module)
             else:
-                e = C.judge_exact(name, group, c, b, module=module)
+                e = C.judge_tensor(name, group, c, b, ref_of(key), ths[group], module=module, before=prior)
             entries.append(e)
-            return
-        entries.append(C.judge_tensor(name, group, c, b, ref_of(key), ths[group], module=module, before=prior))
+        entries[-1]["mode"] = mode       # first_divergence looks upstream within one forward pass
 
-    # 1. intermediates (forward order), outputs
-    out_group = "outputs"
-    inter = mb.get("order", {}).get("intermediates", [])
-    for n in inter:
-        one(f"int/{n}", n, out_group if n in ("pred_logits", "pred_boxes") else "intermediates")
-    extra = [n for n in mc.get("order", {}).get("intermediates", []) if n not in set(inter)]
-    if extra:
-        warnings.append(f"{cand_side} side records {len(extra)} intermediate(s) the base side does not: "
-                        f"{', '.join(extra[:5])}")
-    for n in mb.get("order", {}).get("outputs", []):
-        if n in inter:
-            continue          # the same tensor as the intermediate of that name
-        one(f"out/{n}", f"outputs.{n}", out_group, module="outputs")
+    # 1. intermediates (forward order), outputs; the forward stage then does the same for its
+    #    train-mode pass (BN batch statistics): groups train_intermediates / train_outputs,
+    #    names and modules prefixed "train."
+    passes = [("", "", "intermediates", "outputs", "eval" if stage == "forward" else "train")]
+    if stage == "forward":
+        passes.append(("train/", "train.", "train_intermediates", "train_outputs", "train"))
+    for kp, np_, g_int, g_out, mode in passes:
+        inter = mb.get("order", {}).get(kp + "intermediates", [])
+        if kp and not inter:
+            continue          # a result written before the forward stage had a train-mode pass
+        for n in inter:
+            one(f"{kp}int/{n}", np_ + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
+                module=np_ + n if np_ else None, mode=mode)
+        extra = [n for n in mc.get("order", {}).get(kp + "intermediates", []) if n not in set(inter)]
+        if extra:
+            warnings.append(f"{cand_side} side records {len(extra)} {mode}-mode intermediate(s) the base side "
+                            f"does not: {', '.join(extra[:5])}")
+        for n in mb.get("order", {}).get(kp + "outputs", []):
+            if n in inter:
+                continue          # the same tensor as the intermediate of that name
+            one(f"{kp}out/{n}", f"{np_}outputs.{n}", g_out, module=np_ + "outputs", mode=mode)
 
     if stage == "grad":
         # 2. decisions: Hungarian matches per loss call
@@ -599,7 +613,8 @@ def print_final(result: Dict[str, Any], stream=None) -> None:
         for e in dec:
             ov = e.get("overlap", {})
             if e["kind"] == "topk":
-                parts.append(f"top-k {100 * ov.get('set', 0):.1f}%" + (" (shared)" if e.get("shared") else ""))
+                parts.append(("train-mode " if e["name"].startswith("train.") else "")
+                             + f"top-k {100 * ov.get('set', 0):.1f}%" + (" (shared)" if e.get("shared") else ""))
         nm = [e for e in dec if e["kind"] == "matches"]
         if nm:
             same = sum(e["overlap"].get("same", 0) for e in nm)

@@ -17,7 +17,7 @@ DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "thresho
 STAGES = ("forward", "grad")
 DTYPES = ("float32", "float64")
 GROUPS = {
-    "forward": ("intermediates", "outputs"),
+    "forward": ("intermediates", "outputs", "train_intermediates", "train_outputs"),
     "grad": ("intermediates", "outputs", "losses", "grads", "step"),
 }
 _KEYS = ("rel_l2", "cos", "atol", "k", "allowance", "update_rel")

@@ -19,6 +19,8 @@ Protocol (see also parity/runner.py):
     ``step/<name>``     every state_dict entry after one optimiser step; ``step_grad_norm``
     ``match/<call>/<i>`` int64 [2, n] Hungarian assignment per loss call and image (grad)
     ``dec/topk``        int64 [B, Q] encoder top-k query selection
+    ``train/int|out|dec/...``  forward task only: the same, for a train-mode forward (BN batch
+                        statistics, no denoising) run after the eval one
     ``__meta__``        JSON: backend, dtype, task, config digest, versions, order lists,
                         timing per phase, peak RSS (MB), faults applied, decisions injected
 * failure: ``FILE.error.json`` (``{"backend", "dtype", "task", "phase", "type", "message",
@@ -26,7 +28,8 @@ Protocol (see also parity/runner.py):
   imported), 4 (case / config / weights / fault spec problem) or 1 (the backend crashed).
   A worker killed by a signal leaves no error file; the runner then reports the signal.
 
-``--share-decisions FILE``: npz with ``topk_index`` [B, Q] and ``matches/<call>/<i>`` [2, n]
+``--share-decisions FILE``: npz with ``topk_index`` [B, Q], ``train_topk_index`` [B, Q] (forward
+stage, train-mode pass) and ``matches/<call>/<i>`` [2, n]
 (written by the runner from the other side's result): fed to the adapter as
 ``topk_index=`` / ``matches=`` (contract formats).
 """
@@ -104,6 +107,12 @@ def normalize_matches(used: Any) -> "OrderedDict[str, List[np.ndarray]]":
     return out
 
 
+def read_train_topk(path: str) -> Optional[np.ndarray]:
+    """The train-mode top-k selection [B, Q] of a share-decisions npz (forward stage), or None."""
+    with np.load(path, allow_pickle=False) as z:
+        return z["train_topk_index"].astype(np.int64) if "train_topk_index" in z.files else None
+
+
 def read_decisions(path: str):
     """``(topk_index or None, matches or None)`` from a share-decisions npz."""
     with np.load(path, allow_pickle=False) as z:
@@ -117,11 +126,14 @@ def read_decisions(path: str):
     return topk, matches
 
 
-def write_decisions(path: str, topk: Optional[np.ndarray], matches: Optional[Dict[str, List[np.ndarray]]]) -> None:
+def write_decisions(path: str, topk: Optional[np.ndarray], matches: Optional[Dict[str, List[np.ndarray]]],
+                    train_topk: Optional[np.ndarray] = None) -> None:
     from .fileio import write_npz
     arrays: Dict[str, np.ndarray] = {}
     if topk is not None:
         arrays["topk_index"] = np.asarray(topk, dtype=np.int64)
+    if train_topk is not None:
+        arrays["train_topk_index"] = np.asarray(train_topk, dtype=np.int64)
     for call, lst in (matches or {}).items():
         for i, m in enumerate(lst):
             arrays[f"matches/{call}/{i}"] = np.asarray(m, dtype=np.int64).reshape(2, -1)
@@ -236,9 +248,10 @@ class Worker:
         images, targets = case.inputs()
         images = images.astype(a.dtype)
         dn = case.dn_draws()
-        topk, matches = (None, None)
+        topk, matches, train_topk = (None, None, None)
         if a.share_decisions:
             topk, matches = read_decisions(a.share_decisions)
+            train_topk = read_train_topk(a.share_decisions)
 
         arrays: "OrderedDict[str, np.ndarray]" = OrderedDict()
         meta: Dict[str, Any] = {"order": {}}
@@ -247,6 +260,12 @@ class Worker:
         if a.task == "forward":
             res = self.timed("forward", adapter.forward, images, capture=True, topk_index=topk)
             self._store_forward(res, arrays, meta)
+            del res
+            # train mode: BatchNorm on batch statistics, no denoising (a forward case has no
+            # draws); after the eval pass, because it moves the BN running statistics
+            res = self.timed("forward_train", adapter.forward, images, train=True, capture=True,
+                             topk_index=train_topk)
+            self._store_forward(res, arrays, meta, prefix="train/")
         else:
             res = self.timed("loss_backward", adapter.loss, images, targets, dn, matches=matches,
                              topk_index=topk, backward=True, capture=True)
@@ -295,7 +314,8 @@ class Worker:
             "backend": a.backend, "dtype": a.dtype, "task": a.task, "device": a.device,
             "config": cfg.name, "config_digest": digest, "case_weights_sha256":
                 case.manifest["files"].get("weights.safetensors"),
-            "faults": applied, "decisions_injected": {"topk": topk is not None, "matches": matches is not None},
+            "faults": applied, "decisions_injected": {"topk": topk is not None, "matches": matches is not None,
+                                                      "train_topk": train_topk is not None},
             "versions": self.versions, "warnings": self.warnings, "dtypes_seen": floats,
         })
         self.set_phase("write")
@@ -308,19 +328,22 @@ class Worker:
         return EXIT_OK
 
     @staticmethod
-    def _store_forward(res: Dict[str, Any], arrays, meta, outputs_key: Optional[str] = None) -> None:
+    def _store_forward(res: Dict[str, Any], arrays, meta, outputs_key: Optional[str] = None,
+                       prefix: str = "") -> None:
+        """``prefix`` "train/" keeps the forward stage's train-mode pass apart from its eval pass
+        (keys ``train/int/...``, order lists ``train/intermediates``, ...)."""
         inter = res.get("intermediates") or OrderedDict()
-        meta["order"]["intermediates"] = list(inter)
+        meta["order"][prefix + "intermediates"] = list(inter)
         for k, v in inter.items():
-            arrays[f"int/{k}"] = np.asarray(v)
+            arrays[f"{prefix}int/{k}"] = np.asarray(v)
         outs = res[outputs_key] if outputs_key else {k: v for k, v in res.items() if k != "intermediates"}
         flat: "OrderedDict[str, np.ndarray]" = OrderedDict()
         flatten("", outs, flat)
-        meta["order"]["outputs"] = list(flat)
+        meta["order"][prefix + "outputs"] = list(flat)
         for k, v in flat.items():
-            arrays[f"out/{k}"] = v
+            arrays[f"{prefix}out/{k}"] = v
         if "decoder.enc_topk_index" in inter:
-            arrays["dec/topk"] = np.asarray(inter["decoder.enc_topk_index"]).astype(np.int64)
+            arrays[f"{prefix}dec/topk"] = np.asarray(inter["decoder.enc_topk_index"]).astype(np.int64)
 
 
 def build_parser() -> argparse.ArgumentParser:

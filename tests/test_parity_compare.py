@@ -158,6 +158,26 @@ def test_first_divergence_and_last_passing():
     assert C.first_divergence(entries[:3]) == {}
 
 
+def test_first_divergence_looks_upstream_within_one_forward_pass():
+    """The forward stage runs an eval pass, then a train-mode pass that does not depend on
+    it: a train-mode divergence's upstream is the train pass only."""
+    th = GroupThreshold(rel_l2=1e-9)
+    x = np.linspace(1, 2, 50)
+    entries = []
+    for mode, pre, errs in (("eval", "", (1e-10, 1e-10)), ("train", "train.", (1e-12, 4e-2))):
+        for n, err in zip(("backbone.res_layers.0", "encoder.outputs.0"), errs):
+            e = C.judge_tensor(pre + n, "intermediates", x * (1 + err), x, None, th)
+            e["mode"] = mode
+            entries.append(e)
+    assert entries[0]["passed"] and entries[1]["passed"] and not entries[3]["passed"]
+    fd = C.first_divergence(entries)
+    assert fd["name"] == "train.encoder.outputs.0"
+    assert fd["upstream_max_err"] < 1e-11          # the eval pass's 1e-10 is not upstream of it
+    for e in entries:
+        del e["mode"]                               # entries without a mode: everything before counts
+    assert C.first_divergence(entries)["upstream_max_err"] > 1e-11
+
+
 @pytest.mark.parametrize("param,module", [
     ("backbone.res_layers.1.blocks.0.branch2a.conv.weight", "backbone.res_layers.1"),
     ("backbone.conv1.conv1_1.conv.weight", "backbone.conv1.conv1_1.conv"),

@@ -66,6 +66,13 @@ def test_smoke_passes(root, stage, dtype):
     if stage == "grad":
         assert {"losses", "grads", "step"} <= groups
         assert res["groups"]["grads"]["n"] > 400 and res["grads_by_module"]
+    else:   # eval pass, then a train-mode pass (BN batch statistics) over the same intermediates
+        ev = [t["name"] for t in res["tensors"] if t["group"] == "intermediates"]
+        tr = [t["name"] for t in res["tensors"] if t["group"] == "train_intermediates"]
+        assert len(ev) > 40 and tr == ["train." + n for n in ev]
+        assert res["groups"]["train_outputs"]["n"] > res["groups"]["outputs"]["n"]     # + aux outputs
+        assert [t["name"] for t in res["tensors"] if t["group"] == "decisions"] == \
+            ["decoder.enc_topk_index", "train.decoder.enc_topk_index"]
     if dtype == "float32":
         assert res["labels"] == {"cand": "J32", "base": "T32", "ref": "T64"}
         assert res["groups"]["outputs"].get("max_floor") is not None      # the float64 floor was measured
@@ -74,6 +81,15 @@ def test_smoke_passes(root, stage, dtype):
     md = open(os.path.join(res["out"], "summary.md")).read()
     assert "PASS" in md
     assert "PASS:" in out
+
+
+def test_forward_share_decisions_covers_both_passes(root):
+    """--share-decisions feeds PyTorch's eval AND train-mode top-k selections to Jittor."""
+    rc, out, err, res = parity_run(root, "shared", "--share-decisions", stage="forward", dtype="float32")
+    assert rc == 0, _explain(rc, out, err, res)
+    dec = {t["name"]: t for t in res["tensors"] if t["group"] == "decisions"}
+    assert set(dec) == {"decoder.enc_topk_index", "train.decoder.enc_topk_index"}
+    assert all(t["shared"] and t["passed"] for t in dec.values())
 
 
 def test_smoke_batch1_grad_float64(root):
