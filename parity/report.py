@@ -464,7 +464,7 @@ def stage_plots(res: Mapping[str, Any], run_dir: str, prefix: str) -> Dict[str, 
 
 def stage_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mapping[str, str]], heading: str = "#") -> str:
     from . import compare as C
-    from .runner import group_table
+    from .run_summary import group_table
     L: List[str] = []
     L.append(f"{heading} {str(res.get('stage')).capitalize()} parity — {res.get('config')} — {res.get('dtype')}: "
              f"**{str(res.get('status')).upper()}**")

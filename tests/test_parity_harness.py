@@ -10,6 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
+from parity import run_compare as RC
 from parity import runner as R
 from parity.case import Case, CaseError, build_case
 from parity.faults import FaultError, apply_config_faults, apply_weight_faults, parse_fault
@@ -147,8 +148,8 @@ def test_compare_results_names_first_divergence(tmp_path):
     b, c = str(tmp_path / "T64.npz"), str(tmp_path / "J64.npz")
     _fake(b, "torch", "float64")
     _fake(c, "jittor", "float64", broken_from="decoder.decoder.layers.3")
-    res = R.compare_results("forward", "float64", b, c, None, th, cand_shared={})
-    r = R.build_result("forward", "float64", res["entries"], {"cand": "J64", "base": "T64"})
+    res = RC.compare_results("forward", "float64", b, c, None, th, cand_shared={})
+    r = RC.build_result("forward", "float64", res["entries"], {"cand": "J64", "base": "T64"})
     fd = r["first_divergence"]
     assert fd["module"] == "decoder.decoder.layers.3" and fd["last_passing"] == "decoder.decoder.layers.2"
     assert r["groups"]["intermediates"]["failed"] == 2 and r["groups"]["outputs"]["failed"] == 1
@@ -162,13 +163,13 @@ def test_compare_results_float32_floor_and_topk_flip(tmp_path):
     _fake(t64, "torch", "float64")
     _fake(t32, "torch", "float64", noise=3e-5, seed=1)       # "float32" noise above the fixed 1e-5
     _fake(j32, "jittor", "float64", noise=4e-5, seed=2)
-    res = R.compare_results("forward", "float32", t32, j32, t64, th, cand_shared={})
+    res = RC.compare_results("forward", "float32", t32, j32, t64, th, cand_shared={})
     tens = [e for e in res["entries"] if e["kind"] == "tensor"]
     assert all(e["passed"] for e in res["entries"])
     assert {e["rule"] for e in tens} == {"floor"}
     _fake(j32, "jittor", "float64", noise=4e-5, seed=2, topk_flip=True)
-    res = R.compare_results("forward", "float32", t32, j32, t64, th, cand_shared={})
-    fd = R.build_result("forward", "float32", res["entries"], {"cand": "J32", "base": "T32", "ref": "T64"})["first_divergence"]
+    res = RC.compare_results("forward", "float32", t32, j32, t64, th, cand_shared={})
+    fd = RC.build_result("forward", "float32", res["entries"], {"cand": "J32", "base": "T32", "ref": "T64"})["first_divergence"]
     assert fd["name"] == "decoder.enc_topk_index" and "top-k" in fd["reason"]
 
 
@@ -181,14 +182,14 @@ def test_compare_results_missing_intermediate(tmp_path):
         arrays = {k: z[k] for k in z.files if k != "int/encoder.fpn_blocks.0"}
     os.unlink(c)
     np.savez(c, **arrays)
-    res = R.compare_results("forward", "float64", b, c, None, th, cand_shared={})
+    res = RC.compare_results("forward", "float64", b, c, None, th, cand_shared={})
     bad = [e for e in res["entries"] if not e["passed"]]
     assert [e["name"] for e in bad] == ["encoder.fpn_blocks.0"] and "missing on the jittor side" in bad[0]["reason"]
 
 
 def test_grad_order_is_backward():
     names = ["backbone.a", "backbone.b", "decoder.x", "decoder.y", "encoder.p"]
-    assert R._grad_order(names) == ["decoder.y", "decoder.x", "encoder.p", "backbone.b", "backbone.a"]
+    assert RC._grad_order(names) == ["decoder.y", "decoder.x", "encoder.p", "backbone.b", "backbone.a"]
 
 
 # --- runner: usage and environment errors (no worker starts) --------------------------------------

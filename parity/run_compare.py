@@ -1,0 +1,145 @@
+"""The comparisons of a ``parity run --stage forward|grad``: every tensor of the candidate
+(Jittor) result against the base (PyTorch) one, with the float64 reference's noise floor,
+in forward order (then decisions, losses, gradients in backward order, the optimiser step),
+and the run's groups, first divergence and worst gradient modules (``build_result``)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import compare as C
+from .fileio import read_npz_meta
+
+GROUP_ORDER = ("intermediates", "outputs", "train_intermediates", "train_outputs", "decisions", "losses",
+               "grads", "step")
+
+
+def _grad_order(names: Sequence[str]) -> List[str]:
+    """Backward order: decoder, then encoder, then backbone; within a part, reverse spec order."""
+    rank = {"decoder": 0, "encoder": 1, "backbone": 2}
+    idx = {n: i for i, n in enumerate(names)}
+    return sorted(names, key=lambda n: (rank.get(n.split(".", 1)[0], 3), -idx[n]))
+
+
+def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_path: Optional[str],
+                    thresholds, *, cand_shared: Dict[str, bool], cand_side: str = "jittor",
+                    before: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Any]:
+    """Every comparison of a run, in forward order (then backward order for gradients).
+    ``before``: the weights the optimiser step started from (the case's), for the step
+    group's update rule."""
+    ths = thresholds.for_run(stage, dtype)
+    min_ag = thresholds.min_agreement
+    zb = np.load(base_path, allow_pickle=False)
+    zc = np.load(cand_path, allow_pickle=False)
+    zr = np.load(ref_path, allow_pickle=False) if ref_path else None
+    mb, mc = read_npz_meta(zb), read_npz_meta(zc)
+    entries: List[Dict[str, Any]] = []
+    warnings: List[str] = []
+    fc, fb = set(zc.files), set(zb.files)
+
+    def missing(name, group, key, module=None):
+        entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
+                        "passed": False, "rule": None, "shape": list(zb[key].shape),
+                        "reason": f"missing on the {cand_side} side (contract: every name of backends/README.md)"})
+
+    def ref_of(key):
+        if zr is None or key not in zr.files:
+            return None
+        return zr[key]
+
+    def one(key, name, group, module=None, prior=None, mode="eval" if stage == "forward" else "train"):
+        if key not in fc:
+            missing(name, group, key, module)
+        else:
+            b, c = zb[key], zc[key]
+            if b.dtype.kind in "iub" or c.dtype.kind in "iub":
+                if name.endswith("enc_topk_index"):
+                    shared = cand_shared.get("train_topk" if mode == "train" and stage == "forward" else "topk", False)
+                    e = C.judge_topk(name, c, b, min_ag, shared=shared)
+                    e["module"] = module or name
+                else:
+                    e = C.judge_exact(name, group, c, b, module=module)
+            else:
+                e = C.judge_tensor(name, group, c, b, ref_of(key), ths[group], module=module, before=prior)
+            entries.append(e)
+        entries[-1]["mode"] = mode       # first_divergence looks upstream within one forward pass
+
+    # 1. intermediates (forward order), outputs; the forward stage then does the same for its
+    #    train-mode pass (BN batch statistics): groups train_intermediates / train_outputs,
+    #    names and modules prefixed "train."
+    passes = [("", "", "intermediates", "outputs", "eval" if stage == "forward" else "train")]
+    if stage == "forward":
+        passes.append(("train/", "train.", "train_intermediates", "train_outputs", "train"))
+    for kp, np_, g_int, g_out, mode in passes:
+        inter = mb.get("order", {}).get(kp + "intermediates", [])
+        if kp and not inter:
+            continue          # a result written before the forward stage had a train-mode pass
+        for n in inter:
+            one(f"{kp}int/{n}", np_ + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
+                module=np_ + n if np_ else None, mode=mode)
+        extra = [n for n in mc.get("order", {}).get(kp + "intermediates", []) if n not in set(inter)]
+        if extra:
+            warnings.append(f"{cand_side} side records {len(extra)} {mode}-mode intermediate(s) the base side "
+                            f"does not: {', '.join(extra[:5])}")
+        for n in mb.get("order", {}).get(kp + "outputs", []):
+            if n in inter:
+                continue          # the same tensor as the intermediate of that name
+            one(f"{kp}out/{n}", f"{np_}outputs.{n}", g_out, module=np_ + "outputs", mode=mode)
+
+    if stage == "grad":
+        # 2. decisions: Hungarian matches per loss call
+        for call in mb.get("order", {}).get("matches", []):
+            bl = [zb[k] for k in sorted((k for k in fb if k.startswith(f"match/{call}/")),
+                                        key=lambda k: int(k.rsplit("/", 1)[1]))]
+            cl = [zc[k] for k in sorted((k for k in fc if k.startswith(f"match/{call}/")),
+                                        key=lambda k: int(k.rsplit("/", 1)[1]))]
+            if not cl:
+                entries.append({"name": f"matches.{call}", "group": "decisions", "kind": "missing",
+                                "module": "matcher", "passed": False, "rule": None, "shape": [],
+                                "reason": f"no matches for call '{call}' on the {cand_side} side"})
+                continue
+            entries.append(C.judge_matches(f"matches.{call}", cl, bl, min_ag,
+                                           shared=cand_shared.get("matches", False)))
+        # 3. losses
+        for n in mb.get("order", {}).get("losses", []):
+            one(f"loss/{n}", f"loss.{n}", "losses", module="criterion")
+        one("loss_total", "loss.total", "losses", module="criterion")
+        cl = mc.get("order", {}).get("losses", [])
+        if cl and cl != mb.get("order", {}).get("losses", []):
+            warnings.append(f"loss names/order differ: base {len(mb['order']['losses'])} terms, "
+                            f"{cand_side} {len(cl)} terms")
+        # 4. gradients (backward order)
+        for n in _grad_order(mb.get("order", {}).get("grads", [])):
+            one(f"grad/{n}", f"grad.{n}", "grads", module=C.module_of(n))
+        # the total gradient norm clip_grad_norm saw in train_step (a gradient quantity)
+        one("step_grad_norm", "grad.total_norm", "grads", module="optimizer")
+        # 5. parameters (and BN statistics) after one optimiser step
+        for n in mb.get("order", {}).get("step", []):
+            one(f"step/{n}", f"step.{n}", "step", module=C.module_of(n),
+                prior=None if before is None else before.get(n))
+    zb.close()
+    zc.close()
+    if zr is not None:
+        zr.close()
+    for m, side in ((mc, cand_side),):
+        for w in m.get("warnings", []):
+            warnings.append(f"{side} side: {w}")
+    for w in mb.get("warnings", []):
+        warnings.append(f"base side: {w}")
+    return {"entries": entries, "warnings": warnings}
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def build_result(stage, dtype, entries, labels) -> Dict[str, Any]:
+    present = [g for g in GROUP_ORDER if any(e["group"] == g for e in entries)]
+    groups = C.group_summary(entries, present)
+    fd = C.first_divergence(entries)
+    res: Dict[str, Any] = {"labels": labels, "groups": groups, "first_divergence": fd or None}
+    grads = [e for e in entries if e["group"] == "grads"]
+    if grads:
+        res["grads_by_module"] = C.by_module(grads)
+        res["grads_worst_first"] = [e["name"] for e in sorted(grads, key=C.severity, reverse=True)]
+    return res
