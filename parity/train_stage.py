@@ -31,25 +31,22 @@ failed or a side hit a non-finite loss, 2 usage or environment error.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .fileio import read_json, read_npz_meta, sha256_file, write_json, write_npz, write_text
+from .fileio import read_json, read_npz_meta, write_json, write_text
+from .runner import RunError
+from .train_case import TRAIN_SCHEMA, build_train_case, write_streams
+from .train_sides import Side, check_side, kill_side, start_side, wait_sides
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-TRAIN_SCHEMA = 1
-CASE_FILES_FIXED = ("config.json", "config.yaml", "weights.safetensors", "data.npz")
 
 
 def _add_once(parser: argparse.ArgumentParser, *flags: str, **kw: Any) -> None:
@@ -83,12 +80,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
               help="train: run both backends (default) or one (no comparison)")
     _add_once(parser, "--sequential", action="store_true",
               help="train: run the sides one after another instead of concurrently")
-
-
-class RunError(Exception):
-    def __init__(self, message: str, side: str = "runner", cause: str = "usage", log: Optional[str] = None):
-        super().__init__(message)
-        self.side, self.cause, self.log = side, cause, log
 
 
 def _opt(args, name, default=None):
@@ -128,299 +119,6 @@ def side_labels(dtype: str, backends: Sequence[str], reference: bool) -> List[Di
     if reference and dtype == "float32" and "torch" in backends:
         sides.append({"label": "T64", "role": "ref", "backend": "torch", "dtype": "float64"})
     return sides
-
-
-# ----------------------------------------------------------------------------------------
-# the case: data and streams
-# ----------------------------------------------------------------------------------------
-
-class _Items:
-    """Decoded items as a dataset for ``rtdetr_core.data.iterate_batches``."""
-
-    def __init__(self, images: np.ndarray, targets: List[Dict[str, Any]]):
-        self.images, self.targets = images, targets
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], self.targets[i]
-
-
-def load_split(root: str, split: str, image_size, limit: Optional[int]):
-    """(dataset, images [N,3,H,W] float32, targets) of the first ``limit`` images."""
-    from rtdetr_core.data import DataError, open_split
-    try:
-        ds = open_split(root, split, tuple(image_size))
-    except DataError as e:
-        raise RunError(f"data: {e}", cause="data") from None
-    n = len(ds) if limit is None else min(int(limit), len(ds))
-    if n < 1:
-        raise RunError(f"data: the {split} split of {root} has no images", cause="data")
-    items = [ds[i] for i in range(n)]
-    images = np.ascontiguousarray(np.stack([it[0] for it in items]), dtype=np.float32)
-    targets = [it[1] for it in items]
-    return ds, images, targets
-
-
-def generate_streams(cfg, items: _Items, batch_size: int, seed: int, epochs: int) -> List[Dict[str, Any]]:
-    """Every epoch's order and draws, from ONE ``Streams(seed)`` continued across epochs (as
-    ``BatchLoader`` does): epoch e's draws do not depend on the total number of epochs."""
-    from rtdetr_core.data import iterate_batches
-    from rtdetr_core.rng import Streams, epoch_order
-
-    from .train_worker import batch_digest
-    st = Streams(seed)
-    out = []
-    for e in range(1, epochs + 1):
-        before = st.state()
-        its = []
-        for images, targets, meta in iterate_batches(items, batch_size, seed=seed, epoch=e - 1, shuffle=True,
-                                                     drop_last=False, multi_scale=cfg.train.multi_scale, streams=st,
-                                                     num_denoising=cfg.decoder.num_denoising,
-                                                     num_classes=cfg.num_classes):
-            tg = [{"labels": np.asarray(t["labels"], dtype=np.int64), "boxes": np.asarray(t["boxes"], dtype=np.float32)}
-                  for t in targets]
-            its.append({"indices": np.asarray(meta["indices"], dtype=np.int64), "dn_draws": meta["dn_draws"],
-                        "multi_scale_size": meta["multi_scale_size"],
-                        "batch": batch_digest(images, tg, meta["dn_draws"], meta["multi_scale_size"])})
-        out.append({"epoch": e, "order": epoch_order(len(items), seed, e - 1), "iterations": its,
-                    "state_before": before, "state_after": st.state()})
-    return out
-
-
-def write_epoch_streams(path: str, ep: Dict[str, Any]) -> None:
-    arrays: Dict[str, np.ndarray] = {"order": ep["order"]}
-    for k, it in enumerate(ep["iterations"]):
-        arrays[f"it{k}.indices"] = it["indices"]
-        arrays[f"it{k}.ms"] = np.asarray(-1 if it["multi_scale_size"] is None else it["multi_scale_size"], dtype=np.int64)
-        if it["dn_draws"] is not None:
-            for key, v in it["dn_draws"].items():
-                arrays[f"it{k}.dn.{key}"] = np.asarray(v)
-    meta = {"epoch": ep["epoch"], "iterations": len(ep["iterations"]), "state_before": ep["state_before"],
-            "state_after": ep["state_after"], "batch": [it["batch"] for it in ep["iterations"]]}
-    write_npz(path, arrays, meta)
-
-
-def build_train_case(case_dir: str, cfg, *, seed: int, data_root: Optional[str], weights_path: Optional[str],
-                     plan: Dict[str, Any], limit_images: Optional[int], limit_val: Optional[int]) -> Dict[str, Any]:
-    import yaml
-
-    from rtdetr_core.data import ensure_synthetic_dataset
-
-    from .case import CaseError, make_weights, runner_versions, save_weights
-    os.makedirs(case_dir, exist_ok=True)
-    mpath = os.path.join(case_dir, "manifest.json")
-    if os.path.exists(mpath):
-        os.unlink(mpath)
-    try:
-        weights, winfo = make_weights(cfg, seed, weights_path)
-    except CaseError as e:
-        raise RunError(str(e), side="case", cause="weights") from None
-    synthetic = data_root is None
-    root = ensure_synthetic_dataset() if synthetic else data_root
-    tr_ds, tr_images, tr_targets = load_split(root, "train", cfg.train.image_size, limit_images)
-    va_ds, va_images, va_targets = load_split(root, "val", cfg.train.image_size, limit_val)
-    max_label = max((int(t["labels"].max()) for t in tr_targets if len(t["labels"])), default=-1)
-    if max_label >= cfg.num_classes:
-        raise RunError(f"data: {root} has label {max_label}, the config '{cfg.name}' only {cfg.num_classes} classes",
-                       cause="data")
-    bs = cfg.train.batch_size
-    if len(tr_images) < bs:
-        raise RunError(f"data: {len(tr_images)} train images, fewer than the batch size {bs}", cause="data")
-
-    arrays: Dict[str, np.ndarray] = {"train.images": tr_images,
-                                     "train.image_ids": np.asarray([t["image_id"] for t in tr_targets], dtype=np.int64),
-                                     "val.images": va_images,
-                                     "val.image_ids": np.asarray([t["image_id"] for t in va_targets], dtype=np.int64),
-                                     "val.orig_sizes": np.stack([np.asarray(t["orig_size"], dtype=np.int64)
-                                                                 for t in va_targets]),
-                                     "label_to_category": np.asarray(va_ds.label_to_category, dtype=np.int64)}
-    for i, t in enumerate(tr_targets):
-        arrays[f"train.{i}.labels"] = np.asarray(t["labels"], dtype=np.int64).reshape(-1)
-        arrays[f"train.{i}.boxes"] = np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4)
-    dinfo = {"root": os.path.abspath(root), "synthetic": synthetic, "n_train": len(tr_images),
-             "n_train_total": len(tr_ds), "n_val": len(va_images), "n_val_total": len(va_ds),
-             "val_ann_file": os.path.abspath(va_ds.ann_file), "train_ann_file": os.path.abspath(tr_ds.ann_file),
-             "num_boxes_train": int(sum(len(t["labels"]) for t in tr_targets)),
-             "num_boxes_val": int(sum(len(t["labels"]) for t in va_targets)),
-             "image_size": list(cfg.train.image_size)}
-    write_npz(os.path.join(case_dir, "data.npz"), arrays, dict(dinfo, n_train=len(tr_images), n_val=len(va_images)))
-
-    digest = cfg.digest()
-    cd = cfg.to_dict()
-    write_json(os.path.join(case_dir, "config.json"), cd)
-    write_text(os.path.join(case_dir, "config.yaml"),
-               f"# config '{cfg.name}', digest {digest} (generated; the workers read config.json)\n"
-               + yaml.safe_dump(cd, sort_keys=False))
-    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, digest)
-    plan = dict(plan, n_train=len(tr_images), n_val=len(va_images),
-                iterations_per_epoch=-(-len(tr_images) // bs))
-    manifest = {"schema": TRAIN_SCHEMA, "stage": "train",
-                "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                "config": cfg.name, "config_digest": digest, "seed": int(seed), "plan": plan, "data": dinfo,
-                "weights": winfo, "versions": runner_versions(), "files": {}, "streams": {}}
-    _write_streams(case_dir, cfg, manifest, tr_images, tr_targets)
-    return manifest
-
-
-def _write_streams(case_dir: str, cfg, manifest: Dict[str, Any], tr_images=None, tr_targets=None,
-                   verify_existing: bool = False) -> None:
-    """(Re)generate the streams of every planned epoch; existing epoch files must be identical
-    (resume / extension), new ones are written; then the manifest (last)."""
-    plan = manifest["plan"]
-    if tr_images is None:
-        from .train_worker import load_data
-        d = load_data(case_dir)
-        tr_images, tr_targets = d["train_images"], d["train_targets"]
-    eps = generate_streams(cfg, _Items(tr_images, tr_targets), cfg.train.batch_size, manifest["seed"], plan["epochs"])
-    os.makedirs(os.path.join(case_dir, "streams"), exist_ok=True)
-    from .train_worker import epoch_file
-    files = {}
-    for ep in eps:
-        p = epoch_file(case_dir, ep["epoch"])
-        rel = os.path.relpath(p, case_dir)
-        if verify_existing and os.path.isfile(p):
-            with np.load(p, allow_pickle=False) as z:
-                old = read_npz_meta(z)
-            if old.get("batch") != [it["batch"] for it in ep["iterations"]] or old.get("state_after") != ep["state_after"]:
-                raise RunError(f"--resume: {p} differs from the streams regenerated from seed {manifest['seed']} "
-                               f"(the case was built by another rtdetr_core?)", side="case", cause="streams")
-        else:
-            write_epoch_streams(p, ep)
-        files[rel] = sha256_file(p)
-    manifest["streams"] = {"epochs": len(eps), "batch_digests": {str(ep["epoch"]): [it["batch"] for it in ep["iterations"]]
-                                                                for ep in eps},
-                           "dn_batches": sum(1 for ep in eps for it in ep["iterations"] if it["dn_draws"] is not None),
-                           "multi_scale": cfg.train.multi_scale}
-    manifest["files"] = {f: sha256_file(os.path.join(case_dir, f)) for f in CASE_FILES_FIXED}
-    manifest["files"].update(files)
-    write_json(os.path.join(case_dir, "manifest.json"), manifest)
-
-
-# ----------------------------------------------------------------------------------------
-# workers
-# ----------------------------------------------------------------------------------------
-
-class Side:
-    def __init__(self, label: str, role: str, backend: str, dtype: str, python: str, out: str):
-        self.label, self.role, self.backend, self.dtype, self.python = label, role, backend, dtype, python
-        self.dir = os.path.join(out, label)
-        self.proc: Optional[subprocess.Popen] = None
-        self.t0 = 0.0
-        self.wall = 0.0
-        self.rc: Optional[int] = None
-        self.pump: Optional[threading.Thread] = None
-        self.last_epoch = 0
-
-    @property
-    def log_path(self) -> str:
-        return os.path.join(self.dir, "worker.log")
-
-    def status(self) -> Dict[str, Any]:
-        try:
-            return read_json(os.path.join(self.dir, "status.json"))
-        except (OSError, ValueError):
-            return {}
-
-
-def _start(side: Side, out: str, device: str, threads: int, resume: bool, stop_after: Optional[int],
-           faults: Sequence[str], verbose: bool) -> None:
-    from .runner import _pump, _worker_env
-    os.makedirs(side.dir, exist_ok=True)
-    for stale in ("status.json", "error.json"):       # an earlier run's progress is not ours
-        if os.path.exists(os.path.join(side.dir, stale)):
-            os.unlink(os.path.join(side.dir, stale))
-    cmd = [side.python, "-m", "parity.train_worker", "--backend", side.backend, "--run", out, "--side", side.label,
-           "--dtype", side.dtype, "--device", device, "--threads", str(threads)]
-    if resume:
-        cmd.append("--resume")
-    if stop_after is not None:
-        cmd += ["--stop-after-epoch", str(stop_after)]
-    for f in faults:
-        cmd += ["--inject-fault", f]
-    env = _worker_env()
-    env["OMP_NUM_THREADS"] = str(threads)
-    with open(side.log_path, "ab") as fh:
-        fh.write(("$ " + " ".join(cmd) + "\n").encode())
-    side.t0 = time.perf_counter()
-    try:
-        side.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                     start_new_session=True)
-    except OSError as e:
-        raise RunError(f"{side.backend} side: cannot start {side.python}: {e.strerror or e}", side=side.backend,
-                       cause="environment missing") from None
-    side.pump = threading.Thread(target=_pump, args=(side.proc.stdout, side.log_path, verbose), daemon=True)
-    side.pump.start()
-
-
-def _kill(side: Side, sig=signal.SIGTERM) -> None:
-    if side.proc is not None and side.proc.poll() is None:
-        try:
-            os.killpg(side.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            side.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(side.proc.pid, signal.SIGKILL)
-            side.proc.wait()
-
-
-def _wait(sides: Sequence[Side], progress, epochs: int, timeout: Optional[float]) -> None:
-    """Poll the running sides until all have exited; progress lines per epoch."""
-    running = [s for s in sides if s.proc is not None and s.rc is None]
-    while running:
-        for s in running:
-            st = s.status()
-            el = time.perf_counter() - s.t0
-            ep = int(st.get("epoch", 0) or 0)
-            if s.last_epoch == 0:
-                s.last_epoch = ep            # first sight (a resumed side starts past epoch 1)
-            elif ep > s.last_epoch and not progress.tty:
-                progress.line(f"  {s.label:<4} {s.backend:<6} epoch {ep - 1}/{epochs} done ({el:.0f}s)")
-            s.last_epoch = max(s.last_epoch, ep)
-            if timeout and el > timeout:
-                _kill(s, signal.SIGKILL)
-                raise RunError(f"{s.label} ({s.backend}): killed after the --timeout of {timeout:g}s (log: {s.log_path})",
-                               side=s.backend, cause="timeout", log=s.log_path)
-            if s.proc.poll() is not None:
-                s.rc = s.proc.returncode
-                s.wall = el
-                if s.pump is not None:
-                    s.pump.join(timeout=5)
-                progress.line(f"  {s.label:<4} {s.backend:<6} {s.dtype} exited ({s.rc}) after {el:.1f}s")
-        if progress.tty:
-            parts = []
-            for s in sides:
-                st = s.status()
-                parts.append(f"{s.label} e{st.get('epoch', 0)}/{epochs} it{st.get('iteration', 0)} {st.get('phase', '')}")
-            progress.update("  " + " | ".join(parts))
-        running = [s for s in running if s.rc is None]
-        if running:
-            time.sleep(0.5)
-
-
-def _check_side(side: Side) -> None:
-    if side.rc == 0:
-        return
-    err = os.path.join(side.dir, "error.json")
-    from .runner import _tail
-    if os.path.isfile(err):
-        try:
-            e = read_json(err)
-        except (OSError, ValueError):
-            e = {}
-        phase = e.get("phase", "?")
-        cause = {"import": "environment", "case": "case", "config": "config mismatch", "weights": "weights",
-                 "faults": "usage", "device": "environment", "resume": "checkpoint"}.get(phase, "backend crash")
-        raise RunError(f"{side.label} ({side.backend} {side.dtype}) failed in phase '{phase}' ({cause}): "
-                       f"{e.get('message', '?')} (log: {side.log_path})", side=side.backend, cause=cause, log=side.log_path)
-    rc = side.rc
-    how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc} without an error report"
-    raise RunError(f"{side.label} ({side.backend}) crashed: the worker {how} (log: {side.log_path})\n{_tail(side.log_path)}",
-                   side=side.backend, cause="backend crash", log=side.log_path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -536,7 +234,6 @@ def run(args: argparse.Namespace) -> int:
     from . import curves
     from .case import git_describe, runner_versions
     from .runner import Job, Progress, preflight, resolve_python
-    from .runner import RunError as RunnerError
     from .thresholds import ThresholdError
 
     t_start = time.perf_counter()
@@ -647,11 +344,8 @@ def run(args: argparse.Namespace) -> int:
 
         sides_spec = side_labels(dtype, backends, reference)
         pys = {}
-        try:
-            for be in backends:
-                pys[be] = resolve_python(be, _opt(args, f"{be}_python", None))
-        except RunnerError as e:
-            raise RunError(str(e), side=e.side, cause=e.cause) from None
+        for be in backends:
+            pys[be] = resolve_python(be, _opt(args, f"{be}_python", None))
         os.makedirs(out, exist_ok=True)
         for stale in ("result.json", "summary.md", "error.json"):
             p = os.path.join(out, stale)
@@ -667,14 +361,11 @@ def run(args: argparse.Namespace) -> int:
               f"{' + float64 reference' if reference else ''}, {plan['epochs']} epochs, batch {cfg.train.batch_size}, "
               f"seed {seed}, sides {', '.join(s.label for s in sides)}{' (resume)' if resume_dir else ''} -> {out}",
               flush=True)
-        try:
-            versions = preflight([Job(s.label, s.role, s.backend, s.python, s.dtype, "train", "") for s in sides], verbose)
-        except RunnerError as e:
-            raise RunError(str(e), side=e.side, cause=e.cause) from None
+        versions = preflight([Job(s.label, s.role, s.backend, s.python, s.dtype, "train", "") for s in sides], verbose)
 
         t_case = time.perf_counter()
         if resume_dir:
-            _write_streams(case_dir, cfg, manifest, verify_existing=True)
+            write_streams(case_dir, cfg, manifest, verify_existing=True)
             manifest["plan"] = plan
             write_json(os.path.join(case_dir, "manifest.json"), manifest)
         else:
@@ -692,18 +383,18 @@ def run(args: argparse.Namespace) -> int:
         try:
             if base_info["sequential"]:
                 for s in sides:
-                    _start(s, out, device, threads, bool(resume_dir), stop_after, fault_for[s.label], verbose)
-                    _wait([s], progress, plan["epochs"], timeout)
-                    _check_side(s)
+                    start_side(s, out, device, threads, bool(resume_dir), stop_after, fault_for[s.label], verbose)
+                    wait_sides([s], progress, plan["epochs"], timeout)
+                    check_side(s)
             else:
                 for s in sides:
-                    _start(s, out, device, threads, bool(resume_dir), stop_after, fault_for[s.label], verbose)
-                _wait(sides, progress, plan["epochs"], timeout)
+                    start_side(s, out, device, threads, bool(resume_dir), stop_after, fault_for[s.label], verbose)
+                wait_sides(sides, progress, plan["epochs"], timeout)
                 for s in sides:
-                    _check_side(s)
+                    check_side(s)
         except BaseException:
             for s in sides:
-                _kill(s)
+                kill_side(s)
             raise
 
         # collect
@@ -783,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         for s in sides:
-            _kill(s)
+            kill_side(s)
         print("parity: interrupted", file=sys.stderr)
         _write_error(out, base_info, RunError("interrupted by the user", cause="interrupted"), t_start)
         return 130
