@@ -125,6 +125,17 @@ def save_weights(path: str, weights: "OrderedDict[str, np.ndarray]", digest: str
     write_bytes(path, data)
 
 
+def write_config_and_weights(case_dir: str, cfg, weights: "OrderedDict[str, np.ndarray]") -> None:
+    """``config.json`` (what the workers read), ``config.yaml`` (for people) and
+    ``weights.safetensors`` (stamped with the config digest) into ``case_dir``."""
+    cd = cfg.to_dict()
+    write_json(os.path.join(case_dir, "config.json"), cd)
+    write_text(os.path.join(case_dir, "config.yaml"),
+               f"# config '{cfg.name}', digest {cfg.digest()} (generated; the workers read config.json)\n"
+               + yaml.safe_dump(cd, sort_keys=False))
+    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, cfg.digest())
+
+
 def read_case_weights(path: str, cfg) -> "OrderedDict[str, np.ndarray]":
     """Read the case's weights in spec order (strict: names, shapes, dtypes)."""
     from rtdetr_core.param_spec import param_spec
@@ -190,12 +201,7 @@ def build_case(case_dir: str, cfg, *, stage: str, batch_size: int, seed: int,
     weights, winfo = make_weights(cfg, seed, weights_path)
     images, targets, dn, dinfo = make_batch(cfg, stage, batch_size, seed, data_root)
 
-    cd = cfg.to_dict()
-    write_json(os.path.join(case_dir, "config.json"), cd)
-    write_text(os.path.join(case_dir, "config.yaml"),
-               f"# config '{cfg.name}', digest {digest} (generated; the workers read config.json)\n"
-               + yaml.safe_dump(cd, sort_keys=False))
-    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, digest)
+    write_config_and_weights(case_dir, cfg, weights)
     arrays: Dict[str, np.ndarray] = {"images": images,
                                      "orig_sizes": np.asarray(dinfo["orig_sizes"], dtype=np.int64),
                                      "image_ids": np.asarray(dinfo["image_ids"], dtype=np.int64),

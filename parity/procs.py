@@ -285,21 +285,15 @@ def write_model_case(case_dir: str, cfg, weights, winfo: Dict[str, Any], *, stag
     """A case folder (``parity/case.py`` layout and manifest schema) holding only
     ``config.json``, ``config.yaml`` and ``weights.safetensors``: what a serving worker
     needs to build the model (``Case(dir)`` checks the hashes and the config digest)."""
-    import yaml
 
-    from .case import CASE_SCHEMA, runner_versions, save_weights
-    from .fileio import sha256_file, write_json, write_text
+    from .case import CASE_SCHEMA, runner_versions, write_config_and_weights
+    from .fileio import sha256_file, write_json
     os.makedirs(case_dir, exist_ok=True)
     mpath = os.path.join(case_dir, "manifest.json")
     if os.path.exists(mpath):
         os.unlink(mpath)
     digest = cfg.digest()
-    cd = cfg.to_dict()
-    write_json(os.path.join(case_dir, "config.json"), cd)
-    write_text(os.path.join(case_dir, "config.yaml"),
-               f"# config '{cfg.name}', digest {digest} (generated; the workers read config.json)\n"
-               + yaml.safe_dump(cd, sort_keys=False))
-    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, digest)
+    write_config_and_weights(case_dir, cfg, weights)
     files = {f: sha256_file(os.path.join(case_dir, f)) for f in ("config.json", "config.yaml", "weights.safetensors")}
     manifest = {"schema": CASE_SCHEMA, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                 "stage": stage, "config": cfg.name, "config_digest": digest, "seed": int(seed),

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .fileio import read_npz_meta, sha256_file, write_json, write_npz, write_text
+from .fileio import read_npz_meta, sha256_file, write_json, write_npz
 from .runner import RunError
 
 TRAIN_SCHEMA = 1
@@ -86,11 +86,10 @@ def write_epoch_streams(path: str, ep: Dict[str, Any]) -> None:
 
 def build_train_case(case_dir: str, cfg, *, seed: int, data_root: Optional[str], weights_path: Optional[str],
                      plan: Dict[str, Any], limit_images: Optional[int], limit_val: Optional[int]) -> Dict[str, Any]:
-    import yaml
 
     from rtdetr_core.data import ensure_synthetic_dataset
 
-    from .case import CaseError, make_weights, runner_versions, save_weights
+    from .case import CaseError, make_weights, runner_versions, write_config_and_weights
     os.makedirs(case_dir, exist_ok=True)
     mpath = os.path.join(case_dir, "manifest.json")
     if os.path.exists(mpath):
@@ -130,12 +129,7 @@ def build_train_case(case_dir: str, cfg, *, seed: int, data_root: Optional[str],
     write_npz(os.path.join(case_dir, "data.npz"), arrays, dict(dinfo, n_train=len(tr_images), n_val=len(va_images)))
 
     digest = cfg.digest()
-    cd = cfg.to_dict()
-    write_json(os.path.join(case_dir, "config.json"), cd)
-    write_text(os.path.join(case_dir, "config.yaml"),
-               f"# config '{cfg.name}', digest {digest} (generated; the workers read config.json)\n"
-               + yaml.safe_dump(cd, sort_keys=False))
-    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, digest)
+    write_config_and_weights(case_dir, cfg, weights)
     plan = dict(plan, n_train=len(tr_images), n_val=len(va_images),
                 iterations_per_epoch=-(-len(tr_images) // bs))
     manifest = {"schema": TRAIN_SCHEMA, "stage": "train",
