@@ -63,6 +63,16 @@ def g(x: Any, fmt: str = ".3g") -> str:
     return format(v, fmt)
 
 
+def shown_path(path: Any) -> str:
+    """A path as a report shows it: relative to the repository when inside it (a committed
+    report must not carry one machine's absolute paths), else as given."""
+    if not path:
+        return str(path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap = os.path.abspath(str(path))
+    return os.path.relpath(ap, root) if ap == root or ap.startswith(root + os.sep) else str(path)
+
+
 def md_table(df, floatfmt: str = ".3g", index: bool = False) -> List[str]:
     """A pandas DataFrame as Markdown lines (no tabulate dependency)."""
     cols = ([df.index.name or ""] if index else []) + [str(c).replace("|", "\\|") for c in df.columns]
@@ -209,7 +219,7 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
     data = res.get("data", {}) or {}
     w = res.get("weights", {}) or {}
     labels = res.get("labels", {})
-    L.append(f"- run folder: `{run_dir}`")
+    L.append(f"- run folder: `{shown_path(run_dir)}`")
     L.append(f"- config `{res.get('config')}` (digest `{res.get('config_digest')}`), {res.get('dtype')}, device "
              f"`{res.get('device')}`, seed {res.get('seed')}")
     L.append(f"- schedule: {plan.get('epochs')} epochs x {plan.get('iterations_per_epoch')} iterations "
@@ -261,7 +271,7 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
                  "what": c.get("text", "")} for c in checks]
         L += md_table(_df(rows))
         L.append("")
-        L.append(f"Thresholds: `{res.get('thresholds_file')}` (train section). A check passes by the fixed rule "
+        L.append(f"Thresholds: `{shown_path(res.get('thresholds_file'))}` (train section). A check passes by the fixed rule "
                  f"or, in float32 with the reference, by the floor rule value <= k x floor + allowance.")
         L.append("")
     cb = (res.get("metrics") or {}).get("cand_base")
@@ -474,7 +484,7 @@ def stage_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
         L += [f"**Error** ({e.get('side')} side, {e.get('cause')}): {e.get('message')}", ""]
         return "\n".join(L) + "\n"
     case = res.get("case", {}) or {}
-    L.append(f"- run folder: `{run_dir}`")
+    L.append(f"- run folder: `{shown_path(run_dir)}`")
     L.append(f"- config `{res.get('config')}` (digest `{res.get('config_digest')}`), batch {case.get('batch_size')} at "
              f"{case.get('image_size')}, seed {res.get('seed')}, device `{res.get('device')}`")
     fd = res.get("first_divergence")
@@ -515,7 +525,7 @@ def stage_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
         L.append("")
     rv = (res.get("versions") or {}).get("runner", {})
     L.append(f"- git `{rv.get('git')}`, platform {rv.get('platform')}; threads: not recorded by this stage")
-    L.append(f"- total wall time {g(res.get('wall_s'), '.1f')} s; thresholds `{res.get('thresholds_file')}`")
+    L.append(f"- total wall time {g(res.get('wall_s'), '.1f')} s; thresholds `{shown_path(res.get('thresholds_file'))}`")
     L.append("")
     return "\n".join(L) + "\n"
 
@@ -527,7 +537,7 @@ def stage_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
 def eval_markdown(doc: Mapping[str, Any], run_dir: str, heading: str = "#") -> str:
     L = [f"{heading} Eval parity — {doc.get('config')}: **{str(doc.get('status')).upper()}**"
          f"{' (passed)' if doc.get('passed') else ''}", "",
-         f"- run folder: `{run_dir}`; max |AP diff| {g(doc.get('max_abs_ap_diff'))}, mean agreement "
+         f"- run folder: `{shown_path(run_dir)}`; max |AP diff| {g(doc.get('max_abs_ap_diff'))}, mean agreement "
          f"{g(doc.get('mean_agreement'))}", ""]
     m = doc.get("metrics") or {}
     if m:
@@ -590,7 +600,7 @@ def render(run_dirs: Sequence[str], out: str, title: Optional[str] = None) -> Di
     for i, r in enumerate(runs):
         prefix = f"r{i + 1}_{r['kind']}_" if multi else f"{r['kind']}_"
         res, d = r["doc"], r["dir"]
-        entry: Dict[str, Any] = {"dir": d, "kind": r["kind"], "source": r["file"]}
+        entry: Dict[str, Any] = {"dir": shown_path(d), "kind": r["kind"], "source": shown_path(r["file"])}
         pngs: Dict[str, bytes] = {}
         if r["kind"] == "train":
             logs = train_logs(d, res)

@@ -123,3 +123,13 @@ def test_report_markdown_shows_curves_tables_and_environment(rendered):
 def test_report_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
     r = parity("report", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "no result.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_paths_are_repo_relative_inside_the_repo(tmp_path):
+    """A committed report must not carry this machine's absolute paths."""
+    from parity.report import shown_path
+    assert shown_path(os.path.join(REPO, "reports", "runs", "x")) == os.path.join("reports", "runs", "x")
+    assert shown_path(os.path.join(REPO, "parity", "thresholds.yaml")) == os.path.join("parity", "thresholds.yaml")
+    outside = str(tmp_path / "run")
+    assert shown_path(outside) == outside
+    assert shown_path(REPO + "-other/x") == REPO + "-other/x"      # a sibling folder is not inside
