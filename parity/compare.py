@@ -142,8 +142,34 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
                        f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
         if "update_err" in e:
             why.append(f"update rel_l2 {e['update_err']:.3g} > {th.update_rel:.3g}")
+        conc = error_concentration(cand, base if ref is None else ref)
+        if conc is not None:
+            e["concentration"] = conc
+            why.append(f"{100 * conc['share']:.0f}% of the error in row {conc['row']} of {conc['rows']} "
+                       f"(one ReLU/grid_sample branch flip -- or a fault in that unit -- looks like this; "
+                       f"the float64 run decides)")
         e["reason"] = "; ".join(why)
     return e
+
+
+def error_concentration(cand, ref, min_share: float = 0.9) -> Optional[Dict[str, Any]]:
+    """Where a failing tensor's error sits, when one row (first axis: an output unit of a
+    Linear/Conv weight, one element of a bias) holds at least ``min_share`` of the squared
+    error: ``{"row", "share", "rows"}``; else None.  A float32 kink flip (a ReLU input or a
+    grid_sample location within rounding of its kink, taking the other branch on one side)
+    puts nearly all of a weight gradient's error in that unit's row.  A hint for the reader,
+    never a pass rule."""
+    c = np.asarray(cand, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if c.shape != r.shape or c.ndim == 0 or c.shape[0] < 2:
+        return None
+    sq = ((c - r) ** 2).reshape(c.shape[0], -1).sum(1)
+    tot = float(sq.sum())
+    if not np.isfinite(tot) or tot <= 0:
+        return None
+    i = int(np.argmax(sq))
+    share = float(sq[i]) / tot
+    return {"row": i, "share": share, "rows": int(c.shape[0])} if share >= min_share else None
 
 
 def judge_exact(name: str, group: str, cand, base, *, module: Optional[str] = None) -> Dict[str, Any]:

@@ -264,3 +264,20 @@ def test_step_update_rule():
     th64 = TH.get("grad", "float64", "step")           # float64: no update rule, exact arithmetic
     e = C.judge_tensor("step.b", "step", j32.astype(np.float64), t64, None, th64, before=before)
     assert not e["passed"]
+
+
+def test_failure_reason_points_at_an_error_held_by_one_row():
+    """A float32 kink flip puts a weight gradient's error in one unit's row: the reason says
+    so (a hint only -- the tensor still fails); spread-out error gets no such hint."""
+    th = GroupThreshold(rel_l2=1e-6, k=4.0, allowance=0.0)
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((16, 8))
+    base = ref * (1 + 1e-7 * rng.standard_normal(ref.shape))          # PyTorch float32: tiny noise
+    one_row = base.copy()
+    one_row[5] += 1e-3                                                 # one unit took the other branch
+    e = C.judge_tensor("grad.w", "grads", one_row, base, ref, th)
+    assert not e["passed"] and e["concentration"]["row"] == 5 and e["concentration"]["share"] > 0.99
+    assert "of the error in row 5 of 16" in e["reason"]
+    spread = base + 1e-3 * rng.standard_normal(ref.shape)
+    e = C.judge_tensor("grad.w", "grads", spread, base, ref, th)
+    assert not e["passed"] and "concentration" not in e and "row" not in e["reason"]
