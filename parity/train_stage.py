@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
         res = curves.jsonable(res)
         write_json(os.path.join(out, "result.json"), res)
         try:
-            from .report import train_markdown
+            from .report_train import train_markdown
             write_text(os.path.join(out, "summary.md"), train_markdown(res, out, images=None))
         except ImportError:
             pass
