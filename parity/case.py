@@ -128,12 +128,12 @@ def save_weights(path: str, weights: "OrderedDict[str, np.ndarray]", digest: str
 def write_config_and_weights(case_dir: str, cfg, weights: "OrderedDict[str, np.ndarray]") -> None:
     """``config.json`` (what the workers read), ``config.yaml`` (for people) and
     ``weights.safetensors`` (stamped with the config digest) into ``case_dir``."""
-    cd = cfg.to_dict()
+    cd, digest = cfg.to_dict(), cfg.digest()
     write_json(os.path.join(case_dir, "config.json"), cd)
     write_text(os.path.join(case_dir, "config.yaml"),
-               f"# config '{cfg.name}', digest {cfg.digest()} (generated; the workers read config.json)\n"
+               f"# config '{cfg.name}', digest {digest} (generated; the workers read config.json)\n"
                + yaml.safe_dump(cd, sort_keys=False))
-    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, cfg.digest())
+    save_weights(os.path.join(case_dir, "weights.safetensors"), weights, digest)
 
 
 def read_case_weights(path: str, cfg) -> "OrderedDict[str, np.ndarray]":

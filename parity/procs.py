@@ -285,7 +285,6 @@ def write_model_case(case_dir: str, cfg, weights, winfo: Dict[str, Any], *, stag
     """A case folder (``parity/case.py`` layout and manifest schema) holding only
     ``config.json``, ``config.yaml`` and ``weights.safetensors``: what a serving worker
     needs to build the model (``Case(dir)`` checks the hashes and the config digest)."""
-
     from .case import CASE_SCHEMA, runner_versions, write_config_and_weights
     from .fileio import sha256_file, write_json
     os.makedirs(case_dir, exist_ok=True)

@@ -107,23 +107,19 @@ def normalize_matches(used: Any) -> "OrderedDict[str, List[np.ndarray]]":
     return out
 
 
-def read_train_topk(path: str) -> Optional[np.ndarray]:
-    """The train-mode top-k selection [B, Q] of a share-decisions npz (forward stage), or None."""
-    with np.load(path, allow_pickle=False) as z:
-        return z["train_topk_index"].astype(np.int64) if "train_topk_index" in z.files else None
-
-
 def read_decisions(path: str):
-    """``(topk_index or None, matches or None)`` from a share-decisions npz."""
+    """``(topk_index, matches, train_topk_index)`` from a share-decisions npz, each None when
+    absent (``train_topk_index``: the forward stage's train-mode pass)."""
     with np.load(path, allow_pickle=False) as z:
         topk = z["topk_index"].astype(np.int64) if "topk_index" in z.files else None
+        train_topk = z["train_topk_index"].astype(np.int64) if "train_topk_index" in z.files else None
         calls: "OrderedDict[str, Dict[int, np.ndarray]]" = OrderedDict()
         for k in z.files:
             if k.startswith("matches/"):
                 _, call, i = k.split("/")
                 calls.setdefault(call, {})[int(i)] = z[k].astype(np.int64).reshape(2, -1)
     matches = OrderedDict((c, [d[i] for i in sorted(d)]) for c, d in calls.items()) or None
-    return topk, matches
+    return topk, matches, train_topk
 
 
 def write_decisions(path: str, topk: Optional[np.ndarray], matches: Optional[Dict[str, List[np.ndarray]]],
@@ -250,8 +246,7 @@ class Worker:
         dn = case.dn_draws()
         topk, matches, train_topk = (None, None, None)
         if a.share_decisions:
-            topk, matches = read_decisions(a.share_decisions)
-            train_topk = read_train_topk(a.share_decisions)
+            topk, matches, train_topk = read_decisions(a.share_decisions)
 
         arrays: "OrderedDict[str, np.ndarray]" = OrderedDict()
         meta: Dict[str, Any] = {"order": {}}

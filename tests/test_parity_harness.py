@@ -60,8 +60,11 @@ def test_flatten_and_matches_and_decisions(tmp_path):
     assert m["final"][0].shape == (2, 2) and m["final"][0].dtype == np.int64
     p = str(tmp_path / "d.npz")
     write_decisions(p, np.array([[1, 2]]), m)
-    topk, mm = read_decisions(p)
+    topk, mm, train_topk = read_decisions(p)
     assert topk.tolist() == [[1, 2]] and list(mm) == ["final"] and mm["final"][1].tolist() == [[2], [0]]
+    assert train_topk is None
+    write_decisions(p, None, None, train_topk=np.array([[3, 4]]))
+    assert [x if x is None else x.tolist() for x in read_decisions(p)] == [None, None, [[3, 4]]]
 
 
 # --- case folder ----------------------------------------------------------------------------
