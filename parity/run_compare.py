@@ -55,7 +55,7 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
             b, c = zb[key], zc[key]
             if b.dtype.kind in "iub" or c.dtype.kind in "iub":
                 if name.endswith("enc_topk_index"):
-                    shared = cand_shared.get("train_topk" if mode == "train" and stage == "forward" else "topk", False)
+                    shared = cand_shared.get("train_topk" if key.startswith("train/") else "topk", False)
                     e = C.judge_topk(name, c, b, min_ag, shared=shared)
                     e["module"] = module or name
                 else:
@@ -71,13 +71,13 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
     passes = [("", "", "intermediates", "outputs", "eval" if stage == "forward" else "train")]
     if stage == "forward":
         passes.append(("train/", "train.", "train_intermediates", "train_outputs", "train"))
-    for kp, np_, g_int, g_out, mode in passes:
+    for kp, name_pre, g_int, g_out, mode in passes:
         inter = mb.get("order", {}).get(kp + "intermediates", [])
         if kp and not inter:
             continue          # a result written before the forward stage had a train-mode pass
         for n in inter:
-            one(f"{kp}int/{n}", np_ + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
-                module=np_ + n if np_ else None, mode=mode)
+            one(f"{kp}int/{n}", name_pre + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
+                module=name_pre + n if name_pre else None, mode=mode)
         extra = [n for n in mc.get("order", {}).get(kp + "intermediates", []) if n not in set(inter)]
         if extra:
             warnings.append(f"{cand_side} side records {len(extra)} {mode}-mode intermediate(s) the base side "
@@ -85,7 +85,7 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         for n in mb.get("order", {}).get(kp + "outputs", []):
             if n in inter:
                 continue          # the same tensor as the intermediate of that name
-            one(f"{kp}out/{n}", f"{np_}outputs.{n}", g_out, module=np_ + "outputs", mode=mode)
+            one(f"{kp}out/{n}", f"{name_pre}outputs.{n}", g_out, module=name_pre + "outputs", mode=mode)
 
     if stage == "grad":
         # 2. decisions: Hungarian matches per loss call
