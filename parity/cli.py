@@ -74,6 +74,11 @@ def _import(modname: str):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.dtype is None:        # forward/grad: float64 arbitrates by default
+        args.dtype = "both" if args.stage in ("forward", "grad") else "float32"
+    elif args.dtype == "both" and args.stage not in ("forward", "grad"):
+        raise UsageError(f"--dtype both: only for --stage forward|grad (the {args.stage} stage runs "
+                         f"float32 with a float64 reference, or float64)")
     mod = _import(STAGE_MODULES[args.stage])
     fn = None if mod is None else (getattr(mod, "run", None) or getattr(mod, "run_stage", None))
     if fn is None:
@@ -93,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("run", help="run a parity stage in both environments and compare")
     rp.add_argument("--stage", required=True, choices=["forward", "grad", "train", "eval"])
     rp.add_argument("--config", default="smoke", help="preset or YAML path (default: smoke)")
-    rp.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    rp.add_argument("--dtype", default=None, choices=["float32", "float64", "both"],
+                    help="forward/grad: default both (float64 is the arbiter, float32 judged against "
+                         "its own noise floor); train/eval: default float32")
     rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     rp.add_argument("--data", default=None, help="COCO folder (default: the bundled synthetic set)")
     rp.add_argument("--weights", default=None, help="weights file (default: seeded init)")

@@ -91,15 +91,45 @@ def tensor_errors(a, b) -> Dict[str, Any]:
 # tensors
 # ----------------------------------------------------------------------------------------
 
+def _nonfinite(x: np.ndarray) -> Dict[str, int]:
+    return {"nan": int(np.isnan(x).sum()), "inf": int(np.isinf(x).sum())} if x.dtype.kind == "f" else {"nan": 0, "inf": 0}
+
+
 def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[GroupThreshold] = None, *,
                  module: Optional[str] = None, before=None) -> Dict[str, Any]:
-    """Compare one floating tensor; return its report entry (``passed``, ``rule``, errors)."""
+    """Compare one floating tensor; return its report entry (``passed``, ``rule``, errors).
+
+    ``before`` (the step group): the tensors judged are the UPDATES ``x - before`` of one
+    optimiser step, not the parameters, whose size would hide a wrong learning rate."""
     if th is None:
         raise ValueError("judge_tensor needs a threshold")
     cand = np.asarray(cand)
     base = np.asarray(base)
     e: Dict[str, Any] = {"name": name, "group": group, "kind": "tensor", "module": module or name,
                          "shape": list(base.shape), "threshold": th.to_dict()}
+    # non-finite values: NaN always fails; +-inf must sit where the float64 reference (or, in
+    # a float64 comparison, the base) has the same inf -- e.g. the masked anchors
+    nf = {"cand": _nonfinite(cand), "base": _nonfinite(base)}
+    if ref is not None:
+        nf["ref"] = _nonfinite(np.asarray(ref))
+    if any(v["nan"] or v["inf"] for v in nf.values()):
+        e["nonfinite"] = nf
+        exact = np.asarray(ref if ref is not None else base)
+        bad = [s for s, v in nf.items() if v["nan"]]
+        if not bad:
+            for s, x in (("cand", cand), ("base", base)):
+                if not np.array_equal(np.where(np.isinf(x), x, 0), np.where(np.isinf(exact), exact, 0)):
+                    bad.append(s)
+        if bad:
+            e.update(passed=False, rule=None, err=math.inf, cos=0.0, errors={},
+                     reason="non-finite values (" + ", ".join(f"{s}: {v['nan']} NaN, {v['inf']} inf"
+                                                              for s, v in nf.items()) + ")")
+            return e
+    if before is not None:
+        b0 = np.asarray(before, dtype=np.float64)
+        cand, base = cand.astype(np.float64) - b0, base.astype(np.float64) - b0
+        ref = None if ref is None else np.asarray(ref, dtype=np.float64) - b0
+        e["on"] = "update"
     errors = {"cand_base": tensor_errors(cand, base)}
     if ref is not None:
         errors["base_ref"] = tensor_errors(base, ref)
@@ -115,50 +145,66 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
     if "mismatch" in cb:
         e.update(passed=False, rule=None, reason=cb["mismatch"])
         return e
+    exact = np.asarray(ref if ref is not None else base)
+    exact_max = float(np.max(np.abs(exact[np.isfinite(exact)]))) if exact.size else 0.0
     rule = None
-    if cand.dtype == base.dtype and np.array_equal(cand, base, equal_nan=True):
+    floor_within = False
+    if np.array_equal(cand, base, equal_nan=False) and cand.dtype == base.dtype:
         rule = "exact"
     elif cb["rel_l2"] <= th.rel_l2 and (th.cos is None or cb["cos"] >= th.cos):
         rule = "fixed"
-    elif th.atol is not None and cb["max_abs"] <= th.atol:
+    elif (th.atol is not None and (th.zero_ref is None or exact_max <= th.zero_ref)
+          and (cb["max_abs"] <= th.atol
+               or (ref is not None and th.k is not None
+                   and errors["cand_ref"]["max_abs"] <= th.k * errors["base_ref"]["max_abs"] + th.atol))):
+        # only for a tensor whose exact value is ~0 (an unreachable parameter, a BN bias
+        # feeding a train-mode BN): the candidate must be ~0 too -- within atol of the base,
+        # or (float32) no further from zero than k x the base's own float32 residue
         rule = "abs"
     elif (ref is not None and th.k is not None and "mismatch" not in errors["base_ref"]
           and "mismatch" not in errors["cand_ref"]
           and e["err_ref"] <= th.k * e["floor"] + th.allowance):
-        rule = "floor"
-    if before is not None and th.update_rel is not None:
-        b0 = np.asarray(before, dtype=np.float64)
-        ue = tensor_errors(cand.astype(np.float64) - b0, base.astype(np.float64) - b0)
-        e["update_err"] = ue["rel_l2"]
-        if rule is None and "mismatch" not in ue and ue["rel_l2"] <= th.update_rel:
-            rule = "update"
+        floor_within = True
+        cap_ok = th.cap is None or e["err_ref"] <= th.cap
+        cos_ok = th.cos_ref is None or errors["cand_ref"]["cos"] >= th.cos_ref
+        if cap_ok and cos_ok:
+            rule = "floor"
+        elif cos_ok:
+            e["cap_only"] = True
     e["passed"] = rule is not None
     e["rule"] = rule
     if rule is None:
         why = [f"rel_l2 {cb['rel_l2']:.3g} > {th.rel_l2:.3g}" if cb["rel_l2"] > th.rel_l2
                else f"cos {cb['cos']:.9f} < {th.cos}"]
         if ref is not None and th.k is not None:
-            why.append(f"err vs float64 {e['err_ref']:.3g} > {th.k:g} x floor {e['floor']:.3g}"
-                       f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
-        if "update_err" in e:
-            why.append(f"update rel_l2 {e['update_err']:.3g} > {th.update_rel:.3g}")
+            if floor_within:
+                why.append(f"within {e['ratio']:.3g}x the float32 floor {e['floor']:.3g}, but err vs float64 "
+                           f"{e['err_ref']:.3g} > cap {th.cap} or cos {errors['cand_ref']['cos']:.6f} < {th.cos_ref}")
+            else:
+                why.append(f"err vs float64 {e['err_ref']:.3g} > {th.k:g} x floor {e['floor']:.3g}"
+                           f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
         conc = error_concentration(cand, base if ref is None else ref)
         if conc is not None:
             e["concentration"] = conc
-            why.append(f"{100 * conc['share']:.0f}% of the error in row {conc['row']} of {conc['rows']} "
-                       f"(one ReLU/grid_sample branch flip -- or a fault in that unit -- looks like this; "
-                       f"the float64 run decides)")
+            if conc["few"]:
+                why.append(f"{100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
+                           f"(row {conc['row']} the largest; a ReLU/grid_sample kink flip -- or a fault in those "
+                           f"units -- looks like this; the float64 run decides)")
         e["reason"] = "; ".join(why)
     return e
 
 
-def error_concentration(cand, ref, min_share: float = 0.9) -> Optional[Dict[str, Any]]:
-    """Where a failing tensor's error sits, when one row (first axis: an output unit of a
-    Linear/Conv weight, one element of a bias) holds at least ``min_share`` of the squared
-    error: ``{"row", "share", "rows"}``; else None.  A float32 kink flip (a ReLU input or a
-    grid_sample location within rounding of its kink, taking the other branch on one side)
-    puts nearly all of a weight gradient's error in that unit's row.  A hint for the reader,
-    never a pass rule."""
+def error_concentration(cand, ref, min_share: float = 0.9, few_frac: float = 0.25) -> Optional[Dict[str, Any]]:
+    """Where a failing tensor's error sits along its first axis (an output unit of a
+    Linear/Conv weight, one element of a bias): the fewest rows holding ``min_share`` of the
+    squared error (``rows_needed``), the largest row and its share.  ``few`` when at most
+    max(2, few_frac x rows) rows hold it: a float32 kink flip (a ReLU input or a grid_sample
+    location within rounding of its kink, taking the other branch on one side) puts nearly
+    all of a gradient's error in the few units it touches.  A deformable-attention layer has
+    several such locations per pass (measured, smoke b2: 6 and 19 of 96 sampling-offset rows
+    hold 90 %), hence a quarter of the rows; an error spread by a wrong formula needs most
+    rows (~0.7-0.9 of them) to reach 90 %.  Evidence for the reader and for
+    the --dtype both verdict (only where float64 passes), never a pass rule on its own."""
     c = np.asarray(cand, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
     if c.shape != r.shape or c.ndim == 0 or c.shape[0] < 2:
@@ -167,9 +213,12 @@ def error_concentration(cand, ref, min_share: float = 0.9) -> Optional[Dict[str,
     tot = float(sq.sum())
     if not np.isfinite(tot) or tot <= 0:
         return None
+    srt = np.sort(sq)[::-1]
+    need = int(np.searchsorted(np.cumsum(srt) / tot, min_share) + 1)
     i = int(np.argmax(sq))
-    share = float(sq[i]) / tot
-    return {"row": i, "share": share, "rows": int(c.shape[0])} if share >= min_share else None
+    rows = int(c.shape[0])
+    return {"row": i, "share": float(srt[:need].sum()) / tot, "top_share": float(sq[i]) / tot,
+            "rows_needed": need, "rows": rows, "few": need <= max(2, int(few_frac * rows))}
 
 
 def judge_exact(name: str, group: str, cand, base, *, module: Optional[str] = None) -> Dict[str, Any]:
@@ -210,18 +259,34 @@ def topk_overlap(cand, base) -> Dict[str, Any]:
     return {"positions": pos, "set": same / total if total else 1.0, "same": same, "total": total}
 
 
-def judge_topk(name: str, cand, base, min_agreement: float = 1.0, *, shared: bool = False) -> Dict[str, Any]:
+def _decision_verdict(e: Dict[str, Any], cls: Optional[Dict[str, Any]], agree_all: bool, what: str) -> None:
+    """Pass unless the classification (parity/decisions.py) says ``flip``; without one, only
+    identical choices pass.  ``rule`` names the class: exact, order, tie."""
+    kind = cls["kind"] if cls else ("same" if agree_all else "flip")
+    e["classification"] = cls
+    e["passed"] = kind != "flip"
+    e["rule"] = {"same": "exact", "order": "order", "tie": "tie"}.get(kind)
+    if kind != "same":
+        from .decisions import describe
+        e["flip"] = describe(cls) if cls else "differs (no evidence recorded to classify it)"
+    if not e["passed"]:
+        e["reason"] = f"{what}: {e['flip']}"
+
+
+def judge_topk(name: str, cand, base, cls: Optional[Dict[str, Any]] = None, *, shared: bool = False
+               ) -> Dict[str, Any]:
+    """cand, base: each side's OWN selection [B, Q] (when decisions were shared, the candidate's
+    recorded own choice); cls: their classification (parity/decisions.classify_topk)."""
     ov = topk_overlap(cand, base)
     e: Dict[str, Any] = {"name": name, "group": "decisions", "kind": "topk", "module": name,
                          "shape": list(np.shape(base)), "overlap": ov, "shared": shared,
                          "agreement": ov["positions"]}
-    ok = "mismatch" not in ov and ov["positions"] >= min_agreement
-    e["passed"] = ok
-    e["rule"] = ("shared" if shared else "exact") if ok else None
-    if not ok:
-        e["reason"] = ov.get("mismatch") or (
-            f"top-k selection differs: {100 * ov['set']:.2f}% of the selected set and "
-            f"{100 * ov['positions']:.2f}% of positions agree (a flip; try --share-decisions if it is a tie)")
+    if "mismatch" in ov:
+        e.update(passed=False, rule=None, reason=ov["mismatch"])
+        return e
+    _decision_verdict(e, cls, ov["positions"] == 1.0,
+                      f"top-k selection differs ({100 * ov['set']:.2f}% of the set, {100 * ov['positions']:.2f}% "
+                      f"of positions agree)")
     return e
 
 
@@ -234,18 +299,17 @@ def match_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Dict[st
 
 
 def judge_matches(name: str, cand: Sequence[np.ndarray], base: Sequence[np.ndarray],
-                  min_agreement: float = 1.0, *, shared: bool = False) -> Dict[str, Any]:
+                  cls: Optional[Dict[str, Any]] = None, *, shared: bool = False) -> Dict[str, Any]:
+    """cand, base: each side's OWN assignment per image [2, n]; cls: classify_matches."""
     ag = match_agreement(cand, base)
     e: Dict[str, Any] = {"name": name, "group": "decisions", "kind": "matches", "module": "matcher",
                          "shape": [ag["total"]], "overlap": ag, "shared": shared,
                          "agreement": ag.get("agreement", 0.0)}
-    ok = "mismatch" not in ag and e["agreement"] >= min_agreement
-    e["passed"] = ok
-    e["rule"] = ("shared" if shared else "exact") if ok else None
-    if not ok:
-        e["reason"] = ag.get("mismatch") or (
-            f"assignment differs: {ag['same']} of {ag['total']} pairs agree "
-            f"({100 * e['agreement']:.1f}%; try --share-decisions if costs tie)")
+    if "mismatch" in ag:
+        e.update(passed=False, rule=None, reason=ag["mismatch"])
+        return e
+    _decision_verdict(e, cls, ag["same"] == ag["total"],
+                      f"assignment differs ({ag['same']} of {ag['total']} pairs agree)")
     return e
 
 

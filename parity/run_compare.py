@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import compare as C
+from . import decisions as D
 from .fileio import read_npz_meta
 
 GROUP_ORDER = ("intermediates", "outputs", "train_intermediates", "train_outputs", "decisions", "losses",
@@ -29,7 +30,6 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
     ``before``: the weights the optimiser step started from (the case's), for the step
     group's update rule."""
     ths = thresholds.for_run(stage, dtype)
-    min_ag = thresholds.min_agreement
     zb = np.load(base_path, allow_pickle=False)
     zc = np.load(cand_path, allow_pickle=False)
     zr = np.load(ref_path, allow_pickle=False) if ref_path else None
@@ -55,8 +55,9 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
             b, c = zb[key], zc[key]
             if b.dtype.kind in "iub" or c.dtype.kind in "iub":
                 if name.endswith("enc_topk_index"):
-                    shared = cand_shared.get("train_topk" if key.startswith("train/") else "topk", False)
-                    e = C.judge_topk(name, c, b, min_ag, shared=shared)
+                    kp = "train/" if key.startswith("train/") else ""
+                    shared = cand_shared.get("train_topk" if kp else "topk", False)
+                    e = _judge_topk(name, kp, zc, zb, zr, thresholds, dtype, shared)
                     e["module"] = module or name
                 else:
                     e = C.judge_exact(name, group, c, b, module=module)
@@ -90,17 +91,14 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
     if stage == "grad":
         # 2. decisions: Hungarian matches per loss call
         for call in mb.get("order", {}).get("matches", []):
-            bl = [zb[k] for k in sorted((k for k in fb if k.startswith(f"match/{call}/")),
-                                        key=lambda k: int(k.rsplit("/", 1)[1]))]
-            cl = [zc[k] for k in sorted((k for k in fc if k.startswith(f"match/{call}/")),
-                                        key=lambda k: int(k.rsplit("/", 1)[1]))]
+            bl, cl = _own_matches(zb, call), _own_matches(zc, call)
             if not cl:
                 entries.append({"name": f"matches.{call}", "group": "decisions", "kind": "missing",
                                 "module": "matcher", "passed": False, "rule": None, "shape": [],
                                 "reason": f"no matches for call '{call}' on the {cand_side} side"})
                 continue
-            entries.append(C.judge_matches(f"matches.{call}", cl, bl, min_ag,
-                                           shared=cand_shared.get("matches", False)))
+            entries.append(_judge_matches(call, cl, bl, zb, zr, thresholds, dtype,
+                                          cand_shared.get("matches", False)))
         # 3. losses
         for n in mb.get("order", {}).get("losses", []):
             one(f"loss/{n}", f"loss.{n}", "losses", module="criterion")
@@ -128,6 +126,71 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
     for w in mb.get("warnings", []):
         warnings.append(f"base side: {w}")
     return {"entries": entries, "warnings": warnings}
+
+
+# ----------------------------------------------------------------------------------------
+# decisions: each side's OWN choice (recorded even when another's was injected), classified
+# against float32's noise on the exact scores / costs (parity/decisions.py)
+
+def _noise_args(zb, zr, thresholds, dtype):
+    """(base-dtype evidence file, exact evidence file, noise_rel): float32 with a float64
+    reference judges against T32-vs-T64 noise; a float64 run (or float32 without a
+    reference, then marked by a crude float32 bound) against a relative rounding bound."""
+    if zr is not None:
+        return zb, zr, None
+    return zb, zb, thresholds.float64_noise_rel if dtype == "float64" else 16 * D.EPS32
+
+
+def _own_topk(z, kp: str):
+    for key in (kp + "note/topk_own", kp + "dec/topk", kp + "int/decoder.enc_topk_index"):
+        if key in z.files:
+            return z[key]
+    return None
+
+
+def _own_matches(z, call: str) -> List[np.ndarray]:
+    for pre in (f"note/match_own/{call}/", f"match/{call}/"):
+        keys = sorted((k for k in z.files if k.startswith(pre)), key=lambda k: int(k.rsplit("/", 1)[1]))
+        if keys:
+            return [z[k] for k in keys]
+    return []
+
+
+def _judge_topk(name, kp, zc, zb, zr, thresholds, dtype, shared):
+    own_c, own_b = _own_topk(zc, kp), _own_topk(zb, kp)
+    zs, ze, nrel = _noise_args(zb, zr, thresholds, dtype)
+    sk = kp + "note/topk_scores"
+    cls = None
+    if sk in zs.files and sk in ze.files:
+        cls = D.classify_topk(own_c, own_b, zs[sk], ze[sk], k=thresholds.tie_k, noise_rel=nrel)
+    return C.judge_topk(name, own_c, own_b, cls, shared=shared)
+
+
+def _judge_matches(call, cl, bl, zb, zr, thresholds, dtype, shared):
+    zs, ze, nrel = _noise_args(zb, zr, thresholds, dtype)
+    ck = f"note/match_cost/{call}"
+    sizes = [np.asarray(m).reshape(2, -1).shape[1] for m in bl]
+    cls = None
+    if ck in zs.files and ck in ze.files:
+        cls = D.classify_matches(cl, bl, zs[ck], ze[ck], sizes, k=thresholds.tie_k, noise_rel=nrel)
+    elif sum(sizes) == 0:
+        cls = D.classify_matches(cl, bl, None, None, sizes, k=thresholds.tie_k, noise_rel=nrel)
+    return C.judge_matches(f"matches.{call}", cl, bl, cls, shared=shared)
+
+
+def decisions_agree(base_path: str, cand_path: str) -> bool:
+    """True when the candidate's own decisions (top-k of both passes, every assignment)
+    equal the base side's: no re-run with shared decisions is needed."""
+    with np.load(base_path, allow_pickle=False) as zb, np.load(cand_path, allow_pickle=False) as zc:
+        for kp in ("", "train/"):
+            b, c = _own_topk(zb, kp), _own_topk(zc, kp)
+            if (b is None) != (c is None) or (b is not None and not np.array_equal(b, c)):
+                return False
+        for call in read_npz_meta(zb).get("order", {}).get("matches", []):
+            bl, cl = _own_matches(zb, call), _own_matches(zc, call)
+            if len(bl) != len(cl) or any(x.shape != y.shape or not np.array_equal(x, y) for x, y in zip(bl, cl)):
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------

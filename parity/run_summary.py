@@ -60,7 +60,48 @@ def group_table(result: Dict[str, Any], md: bool = False) -> List[str]:
     return [fmt(head)] + [fmt(r) for r in rows]
 
 
+def _both_markdown(result: Dict[str, Any]) -> str:
+    """``--dtype both``: the verdict and what it rests on, then each comparison in full."""
+    st = result["status"].upper()
+    L = [f"# parity run --stage {result.get('stage')} — {result.get('config')} — float64 + float32: **{st}**", "",
+         f"Verdict rests on: {result.get('verdict_basis')}.", ""]
+    for dt in ("float64", "float32"):
+        r = result["runs"][dt]
+        n = len(r["tensors"])
+        nf = sum(1 for e in r["tensors"] if not e["passed"])
+        fd = r.get("first_divergence")
+        L.append(f"- {dt}: **{r['status'].upper()}** {n - nf}/{n} ({r['labels']['cand']} vs {r['labels']['base']}"
+                 + (f", floor {r['labels']['base']} vs {r['labels']['ref']}" if "ref" in r["labels"] else "")
+                 + f"){'; ' + C.describe_divergence(fd) if fd else ''}")
+    ex = result.get("explained") or []
+    if ex:
+        L += ["", f"## float32 tensors reported, not failed ({len(ex)}): float64 passes them, and the evidence "
+                  "says float32 kink", "", "| tensor | err | floor | ratio | evidence |", "|---|---|---|---|---|"]
+        L += [f"| `{x['name']}` | {_g(x.get('err'))} | {_g(x.get('floor'))} | {_g(x.get('ratio'), '.3g')} | "
+              f"{x['evidence']} |" for x in ex]
+    for dt in ("float64", "float32"):
+        sub = summary_markdown(result["runs"][dt])
+        L += ["", "---", ""] + [("#" + ln if ln.startswith("#") else ln) for ln in sub.splitlines()]
+    return "\n".join(L) + "\n"
+
+
+def floor_passes(result: Dict[str, Any]) -> List[str]:
+    """Markdown lines listing the tensors that passed by the noise-floor rule (apart)."""
+    fl = [e for e in result.get("tensors", []) if e.get("rule") == "floor"]
+    if not fl:
+        return []
+    L = [f"## Passed by the float32 noise floor ({len(fl)}), worst ratio first", "",
+         "| name | group | err | floor | ratio |", "|---|---|---|---|---|"]
+    for e in sorted(fl, key=lambda e: -e.get("ratio", 0))[:30]:
+        L.append(f"| `{e['name']}` | {e['group']} | {_g(e.get('err'))} | {_g(e.get('floor'))} | {_g(e.get('ratio'), '.3g')} |")
+    if len(fl) > 30:
+        L.append(f"| ... {len(fl) - 30} more in result.json | | | | |")
+    return L + [""]
+
+
 def summary_markdown(result: Dict[str, Any]) -> str:
+    if "runs" in result and result.get("status") != "error":
+        return _both_markdown(result)
     L: List[str] = []
     st = result["status"].upper()
     L.append(f"# parity run --stage {result.get('stage')} — {result.get('config')} — {result.get('dtype')}: **{st}**")
@@ -108,13 +149,14 @@ def summary_markdown(result: Dict[str, Any]) -> str:
         L.append("")
         for e in dec:
             ov = e.get("overlap", {})
+            verdict = ("identical" if e.get("rule") == "exact" else e.get("flip", "")) + ("" if e["passed"] else " — FAIL")
+            used = " (continuous tensors judged under the base's decisions)" if e.get("shared") else ""
             if e["kind"] == "topk":
-                L.append(f"- `{e['name']}`: top-k set overlap {100 * ov.get('set', 0):.2f}%, positions "
-                         f"{100 * ov.get('positions', 0):.2f}%{' (shared)' if e.get('shared') else ''} — "
-                         f"{'ok' if e['passed'] else 'FLIP'}")
+                L.append(f"- `{e['name']}` (own choices): top-k set overlap {100 * ov.get('set', 0):.2f}%, positions "
+                         f"{100 * ov.get('positions', 0):.2f}% — {verdict}{used}")
             else:
-                L.append(f"- `{e['name']}`: {ov.get('same')}/{ov.get('total')} pairs agree"
-                         f"{' (shared)' if e.get('shared') else ''} — {'ok' if e['passed'] else 'FLIP'}")
+                L.append(f"- `{e['name']}` (own choices): {ov.get('same')}/{ov.get('total')} pairs agree — "
+                         f"{verdict}{used}")
         L.append("")
     fails = [e for e in result["tensors"] if not e["passed"]]
     if fails:
@@ -126,6 +168,7 @@ def summary_markdown(result: Dict[str, Any]) -> str:
             L.append(f"| `{e['name']}` | {e['group']} | {_g(e.get('err'))} | {_g(e.get('floor'))} | "
                      f"{_g(e.get('ratio'), '.3g')} | {e.get('reason', '')} |")
         L.append("")
+    L += floor_passes(result)
     gm = result.get("grads_by_module")
     if gm:
         L.append("## Gradients by module (worst first)")
@@ -158,6 +201,31 @@ def summary_markdown(result: Dict[str, Any]) -> str:
 def print_final(result: Dict[str, Any], stream=None) -> None:
     stream = stream or sys.stdout
     w = stream.write
+    if "runs" in result:
+        for dt in ("float64", "float32"):
+            r = result["runs"][dt]
+            w(f"\n  == {dt}: {r['labels']['cand']} vs {r['labels']['base']}\n")
+            _print_run(r, stream)
+        for x in result.get("explained") or []:
+            w(f"  float32 reported, not failed: {x['name']} (ratio {_g(x.get('ratio'), '.3g')}): {x['evidence']}\n")
+        verdict = "PASS" if result["passed"] else "FAIL"
+        w(f"  {verdict} ({result['stage']}, {result['config']}, {result['verdict_basis']}, {result['wall_s']:.1f}s)\n")
+        w(f"  result: {result['out']}/result.json\n")
+        stream.flush()
+        return
+    w("\n")
+    _print_run(result, stream)
+    n = len(result["tensors"])
+    nf = sum(1 for e in result["tensors"] if not e["passed"])
+    verdict = "PASS" if result["passed"] else "FAIL"
+    w(f"  {verdict}: {n - nf}/{n} checks passed  ({result['stage']}, {result['config']}, {result['dtype']}, "
+      f"{result['wall_s']:.1f}s)\n")
+    w(f"  result: {result['out']}/result.json\n")
+    stream.flush()
+
+
+def _print_run(result: Dict[str, Any], stream) -> None:
+    w = stream.write
     w("\n")
     for ln in group_table(result):
         w("  " + ln + "\n")
@@ -168,12 +236,13 @@ def print_final(result: Dict[str, Any], stream=None) -> None:
             ov = e.get("overlap", {})
             if e["kind"] == "topk":
                 parts.append(("train-mode " if e["name"].startswith("train.") else "")
-                             + f"top-k {100 * ov.get('set', 0):.1f}%" + (" (shared)" if e.get("shared") else ""))
+                             + f"top-k {100 * ov.get('set', 0):.1f}%" + (f" ({e['flip']})" if e.get("flip") else ""))
         nm = [e for e in dec if e["kind"] == "matches"]
         if nm:
             same = sum(e["overlap"].get("same", 0) for e in nm)
             tot = sum(e["overlap"].get("total", 0) for e in nm)
-            parts.append(f"matches {same}/{tot} over {len(nm)} calls" + (" (shared)" if nm[0].get("shared") else ""))
+            flips = [f"{e['name']}: {e['flip']}" for e in nm if e.get("flip")]
+            parts.append(f"matches {same}/{tot} over {len(nm)} calls" + (f" ({'; '.join(flips[:3])})" if flips else ""))
         w("  decisions: " + "; ".join(parts) + "\n")
     gm = result.get("grads_by_module")
     if gm:
@@ -186,13 +255,6 @@ def print_final(result: Dict[str, Any], stream=None) -> None:
         w(f"  INJECTED FAULT ({result['fault_side']} side): {', '.join(result['faults'])}\n")
     fd = result.get("first_divergence")
     w("  " + (C.describe_divergence(fd) if fd else "no divergence") + "\n")
-    n = len(result["tensors"])
-    nf = sum(1 for e in result["tensors"] if not e["passed"])
-    verdict = "PASS" if result["passed"] else "FAIL"
-    w(f"  {verdict}: {n - nf}/{n} checks passed  ({result['stage']}, {result['config']}, {result['dtype']}, "
-      f"{result['wall_s']:.1f}s)\n")
-    w(f"  result: {result['out']}/result.json\n")
-    stream.flush()
 
 
 # ----------------------------------------------------------------------------------------

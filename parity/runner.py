@@ -42,7 +42,8 @@ from . import compare as C
 from .case import CaseError, build_case, repo_root, runner_versions
 from .faults import FaultError, check_faults_against_spec, parse_faults
 from .fileio import read_npz_meta, write_json, write_text
-from .run_compare import build_result, compare_results
+from .run_compare import build_result, compare_results, decisions_agree
+from .run_verdict import combine
 from .run_summary import print_final, summary_markdown
 from .thresholds import ThresholdError, load_thresholds
 
@@ -323,6 +324,50 @@ def write_decisions_from(result_npz: str, dest: str) -> bool:
     return True
 
 
+def _check_side(j: Job, manifest: Dict[str, Any]) -> None:
+    """The side ran the case's config and weights, in the asked backend and dtype."""
+    if j.meta.get("config_digest") != manifest["config_digest"]:
+        raise RunError(f"config mismatch: the {j.backend} side ran config digest "
+                       f"{j.meta.get('config_digest')}, the case is {manifest['config_digest']}",
+                       side=j.backend, cause="config mismatch")
+    if j.meta.get("case_weights_sha256") != manifest["files"]["weights.safetensors"]:
+        raise RunError(f"the {j.backend} side loaded other weights than the case's", side=j.backend,
+                       cause="weights")
+    if j.meta.get("dtype") != j.dtype or j.meta.get("backend") != j.backend:
+        raise RunError(f"the {j.backend} side reported {j.meta.get('backend')} {j.meta.get('dtype')}, "
+                       f"expected {j.backend} {j.dtype}", side=j.backend, cause="protocol")
+
+
+def _side_info(j: Job) -> Dict[str, Any]:
+    return {"label": j.label, "role": j.role, "backend": j.backend, "dtype": j.dtype, "python": j.python,
+            "wall_s": j.wall, "timing": j.meta.get("timing", {}), "peak_rss_mb": j.meta.get("peak_rss_mb"),
+            "versions": j.meta.get("versions", {}), "faults": j.meta.get("faults", []),
+            "decisions_injected": j.meta.get("decisions_injected"), "step": j.meta.get("step")}
+
+
+def _compare_pair(stage, dt, pr, thresholds, cand_backend, before, base_info, rerun_of) -> Dict[str, Any]:
+    """One comparison (candidate vs base, with the reference's floor in float32) as a result dict."""
+    base, cand, ref = pr["base"], pr["cand"], pr.get("ref")
+    cmpd = compare_results(stage, dt, base.out, cand.out, ref.out if ref else None, thresholds,
+                           cand_shared=cand.meta.get("decisions_injected", {}), cand_side=cand_backend,
+                           before=before)
+    entries = cmpd["entries"]
+    if not entries:
+        raise RunError("nothing to compare: the base side recorded no tensors", side="torch", cause="protocol")
+    labels = {"cand": cand.label, "base": base.label}
+    if ref:
+        labels["ref"] = ref.label
+    res = dict(base_info)
+    res.update(dtype=dt, labels=labels, reference=ref is not None)
+    res.update(build_result(stage, dt, entries, labels))
+    passed = all(e["passed"] for e in entries)
+    res.update(status="pass" if passed else "fail", passed=passed, exit_code=EXIT_OK if passed else EXIT_FAIL,
+               thresholds={g: t.to_dict() for g, t in thresholds.for_run(stage, dt).items()},
+               warnings=cmpd["warnings"], tensors=entries,
+               decisions_rerun=({"own_run": rerun_of, "judged_run": cand.label} if rerun_of else None))
+    return res
+
+
 # ----------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------
@@ -360,7 +405,7 @@ def run_stage(args) -> int:
             cfg = load_config(_opt(args, "config", "smoke"))
         except ConfigError as e:
             raise RunError(f"config: {e}", cause="config") from None
-        dtype = _opt(args, "dtype", "float32")
+        dtype = _opt(args, "dtype", "both")
         device = _opt(args, "device", "cpu")
         seed = int(_opt(args, "seed", 0))
         bs = _opt(args, "batch_size", None)
@@ -412,27 +457,40 @@ def run_stage(args) -> int:
         os.makedirs(work)
         case_dir = os.path.join(out, "case")
 
-        # jobs
-        bdt = dtype
-        base = Job(label("torch", bdt), "base", "torch", pys["torch"], bdt, stage, "")
-        cand = Job(label(cand_backend, bdt, True, cand_backend), "cand", cand_backend, pys[cand_backend], bdt, stage, "")
-        jobs = [base, cand]
-        ref = None
-        if reference:
+        # jobs: float32 = T32 base, J32 candidate, T64 reference (with T32's decisions);
+        # float64 = T64 base, J64 candidate; both = the two, where J64 and T64 take T32's
+        # decisions (each still records its own, which are judged) so that the float64
+        # arbiter compares the continuous tensors under one set of decisions
+        dts = ("float32", "float64") if dtype == "both" else (dtype,)
+        jobs: List[Job] = []
+        pairs: Dict[str, Dict[str, Job]] = OrderedDict()
+        for dt in dts:
+            base = Job(label("torch", dt), "base", "torch", pys["torch"], dt, stage, "")
+            cand = Job(label(cand_backend, dt, True, cand_backend), "cand", cand_backend, pys[cand_backend], dt,
+                       stage, "")
+            if dt == "float64" and dtype == "both":
+                base.role, base.share_from, cand.share_from = "ref", label("torch", "float32"), label("torch", "float32")
+            elif share:
+                cand.share_from = base.label
+            pairs[dt] = {"base": base, "cand": cand}
+            if base.label not in {j.label for j in jobs}:
+                jobs.append(base)
+            jobs.append(cand)
+        if dtype == "float32" and reference:
             ref = Job(label("torch", "float64"), "ref", "torch", pys["torch"], "float64", stage, "",
-                      share_from=base.label)
+                      share_from=label("torch", "float32"))
             jobs.append(ref)
-        if share:
-            cand.share_from = base.label
+            pairs["float32"]["ref"] = ref
+        if dtype == "both":
+            pairs["float32"]["ref"] = pairs["float64"]["base"]
         for j in jobs:
             j.out = os.path.join(work, f"{j.label}.npz")
             if fault_specs and ((fault_side == "jittor" and j.role == "cand")
                                 or (fault_side == "torch" and j.backend == "torch" and j.role != "cand")):
                 j.faults = fault_specs
-        labels = {"cand": cand.label, "base": base.label}
-        if ref:
-            labels["ref"] = ref.label
-        base_info["labels"] = labels
+        labels = {dt: {r: j.label for r, j in pr.items()} for dt, pr in pairs.items()}
+        base_info["labels"] = labels[dts[0]] if len(dts) == 1 else labels
+        base_info["dtypes"] = list(dts)
 
         print(f"parity run --stage {stage}: config {cfg.name} ({cfg.digest()}), {dtype}"
               f"{' + float64 reference' if reference else ''}, batch {bs}, seed {seed}"
@@ -449,21 +507,33 @@ def run_stage(args) -> int:
         base_info["case"] = {k: manifest[k] for k in ("batch_size", "image_size", "data", "weights", "dn_draws")}
         base_info["case"]["dir"] = case_dir
 
-        order = [base, cand] + ([ref] if ref else [])
+        order = list(jobs)
+        n_total = len(order)
         for i, j in enumerate(order, 1):
-            run_job(j, case_dir, device, progress, i, len(order), verbose, timeout)
-            if j is base and (reference or share):
-                write_decisions_from(base.out, os.path.join(work, f"decisions-{base.label}.npz"))
-            if j.meta.get("config_digest") != manifest["config_digest"]:
-                raise RunError(f"config mismatch: the {j.backend} side ran config digest "
-                               f"{j.meta.get('config_digest')}, the case is {manifest['config_digest']}",
-                               side=j.backend, cause="config mismatch")
-            if j.meta.get("case_weights_sha256") != manifest["files"]["weights.safetensors"]:
-                raise RunError(f"the {j.backend} side loaded other weights than the case's", side=j.backend,
-                               cause="weights")
-            if j.meta.get("dtype") != j.dtype or j.meta.get("backend") != j.backend:
-                raise RunError(f"the {j.backend} side reported {j.meta.get('backend')} {j.meta.get('dtype')}, "
-                               f"expected {j.backend} {j.dtype}", side=j.backend, cause="protocol")
+            run_job(j, case_dir, device, progress, i, n_total, verbose, timeout)
+            _check_side(j, manifest)
+            if j.role == "base" and j.dtype == dts[0]:
+                write_decisions_from(j.out, os.path.join(work, f"decisions-{j.label}.npz"))
+        # a candidate whose own decisions differ from the base's is run again with the base's
+        # (recording its own, which are classified): the continuous tensors are judged there
+        reruns = {}
+        for dt, pr in pairs.items():
+            cand, base = pr["cand"], pr["base"]
+            if cand.share_from or decisions_agree(base.out, cand.out):
+                continue
+            dec = os.path.join(work, f"decisions-{base.label}.npz")
+            if not os.path.exists(dec):
+                write_decisions_from(base.out, dec)
+            again = Job(cand.label + "s", "cand", cand.backend, cand.python, dt, stage,
+                        os.path.join(work, f"{cand.label}s.npz"), share_from=base.label, faults=cand.faults)
+            progress.line(f"  {cand.label}'s own decisions differ from {base.label}'s: re-running it with "
+                          f"{base.label}'s decisions to measure the continuous tensors apart from the flip")
+            n_total += 1
+            run_job(again, case_dir, device, progress, n_total, n_total, verbose, timeout)
+            _check_side(again, manifest)
+            order.append(again)
+            reruns[dt] = cand.label
+            pr["cand"] = again
 
         # compare
         progress.line("  comparing ...")
@@ -471,28 +541,15 @@ def run_stage(args) -> int:
         if stage == "grad":
             from .case import Case
             before = Case(case_dir, verify=False).weights()
-        cmpd = compare_results(stage, dtype, base.out, cand.out, ref.out if ref else None, thresholds,
-                               cand_shared=cand.meta.get("decisions_injected", {}), cand_side=cand_backend,
-                               before=before)
-        entries = cmpd["entries"]
-        if not entries:
-            raise RunError("nothing to compare: the base side recorded no tensors", side="torch", cause="protocol")
-        res = dict(base_info)
-        res.update(build_result(stage, dtype, entries, labels))
-        passed = all(e["passed"] for e in entries)
-        res.update(status="pass" if passed else "fail", passed=passed, exit_code=EXIT_OK if passed else EXIT_FAIL,
-                   thresholds_file=thresholds.path,
-                   thresholds={g: t.to_dict() for g, t in thresholds.for_run(stage, dtype).items()},
-                   warnings=cmpd["warnings"],
-                   versions={"runner": runner_versions(), **versions},
-                   sides=[{"label": j.label, "role": j.role, "backend": j.backend, "dtype": j.dtype,
-                           "python": j.python, "wall_s": j.wall, "timing": j.meta.get("timing", {}),
-                           "peak_rss_mb": j.meta.get("peak_rss_mb"), "versions": j.meta.get("versions", {}),
-                           "faults": j.meta.get("faults", []), "decisions_injected": j.meta.get("decisions_injected"),
-                           "step": j.meta.get("step")} for j in order],
-                   tensors=entries)
+        results = OrderedDict()
+        for dt, pr in pairs.items():
+            results[dt] = _compare_pair(stage, dt, pr, thresholds, cand_backend, before, base_info, reruns.get(dt))
+        res = combine(results, base_info, stage, dtype) if dtype == "both" else results[dtype]
+        res.update(thresholds_file=thresholds.path, versions={"runner": runner_versions(), **versions},
+                   sides=[_side_info(j) for j in order])
         res["wall_s"] = time.perf_counter() - t_start
         res = C.jsonable(res)
+        passed = bool(res["passed"])
         write_json(os.path.join(out, "result.json"), res)
         write_text(os.path.join(out, "summary.md"), summary_markdown(res))
         if not keep:

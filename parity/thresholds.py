@@ -20,7 +20,7 @@ GROUPS = {
     "forward": ("intermediates", "outputs", "train_intermediates", "train_outputs"),
     "grad": ("intermediates", "outputs", "losses", "grads", "step"),
 }
-_KEYS = ("rel_l2", "cos", "atol", "k", "allowance", "update_rel")
+_KEYS = ("rel_l2", "cos", "atol", "zero_ref", "k", "allowance", "cap", "cos_ref")
 OTHER_SECTIONS = {"eval", "detect", "train", "bench"}   # parsed elsewhere (see load_thresholds)
 
 
@@ -35,7 +35,9 @@ class GroupThreshold:
     atol: Optional[float] = None  # absolute rule bound on max |cand - base|
     k: Optional[float] = None     # noise-floor ratio bound (float32 with a float64 reference)
     allowance: float = 0.0        # absolute slack of the floor rule (rel-L2 units)
-    update_rel: Optional[float] = None  # step group: bound on rel L2 of the update (after - before)
+    zero_ref: Optional[float] = None    # the abs rule applies only where max|reference| <= this
+    cap: Optional[float] = None   # floor rule: err vs float64 must also be <= cap (absolute, rel-L2 units)
+    cos_ref: Optional[float] = None  # floor rule: cosine vs the float64 reference must be >= this
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -46,6 +48,8 @@ class Thresholds:
     path: str
     table: Dict[str, Dict[str, Dict[str, GroupThreshold]]]
     min_agreement: float = 1.0
+    tie_k: float = 4.0                 # a flip is a tie when its exact gap <= tie_k x float32 noise
+    float64_noise_rel: float = 1.0e-12  # float64 comparisons: noise = this x max|score|
 
     def get(self, stage: str, dtype: str, group: str) -> GroupThreshold:
         try:
@@ -129,11 +133,17 @@ def load_thresholds(path: Optional[str] = None) -> Thresholds:
                 k = vals.get("k", dk if dtype == "float32" else None)
                 table[stage][dtype][g] = GroupThreshold(
                     rel_l2=vals["rel_l2"], cos=vals.get("cos"), atol=vals.get("atol"), k=k,
-                    allowance=vals.get("allowance", dallow), update_rel=vals.get("update_rel"))
+                    allowance=vals.get("allowance", dallow), zero_ref=vals.get("zero_ref"),
+                    cap=vals.get("cap"), cos_ref=vals.get("cos_ref"))
     dec = data.get("decisions") or {}
-    if not isinstance(dec, dict) or any(k != "min_agreement" for k in dec):
-        raise ThresholdError(f"{path}: key 'decisions': only 'min_agreement' is allowed")
+    allowed_dec = ("min_agreement", "tie_k", "float64_noise_rel")
+    if not isinstance(dec, dict) or any(k not in allowed_dec for k in dec):
+        bad = next((k for k in dec if k not in allowed_dec), "decisions") if isinstance(dec, dict) else "decisions"
+        raise ThresholdError(f"{path}: key 'decisions.{bad}': unknown (allowed: {', '.join(allowed_dec)})")
     ma = _num(path, "decisions.min_agreement", dec.get("min_agreement", 1.0))
     if ma > 1:
         raise ThresholdError(f"{path}: key 'decisions.min_agreement': must be <= 1")
-    return Thresholds(path=path, table=table, min_agreement=ma)
+    return Thresholds(path=path, table=table, min_agreement=ma,
+                      tie_k=_num(path, "decisions.tie_k", dec.get("tie_k", 4.0)),
+                      float64_noise_rel=_num(path, "decisions.float64_noise_rel",
+                                             dec.get("float64_noise_rel", 1.0e-12)))

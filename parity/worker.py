@@ -331,7 +331,8 @@ class Worker:
         meta["order"][prefix + "intermediates"] = list(inter)
         for k, v in inter.items():
             arrays[f"{prefix}int/{k}"] = np.asarray(v)
-        outs = res[outputs_key] if outputs_key else {k: v for k, v in res.items() if k != "intermediates"}
+        outs = res[outputs_key] if outputs_key else {k: v for k, v in res.items()
+                                                     if k not in ("intermediates", "decisions")}
         flat: "OrderedDict[str, np.ndarray]" = OrderedDict()
         flatten("", outs, flat)
         meta["order"][prefix + "outputs"] = list(flat)
@@ -339,6 +340,9 @@ class Worker:
             arrays[f"{prefix}out/{k}"] = v
         if "decoder.enc_topk_index" in inter:
             arrays[f"{prefix}dec/topk"] = np.asarray(inter["decoder.enc_topk_index"]).astype(np.int64)
+        # the evidence behind the decisions (scores, costs, own choices under injection)
+        for k, v in (res.get("decisions") or {}).items():
+            arrays[f"{prefix}note/{k}"] = np.asarray(v)
 
 
 def build_parser() -> argparse.ArgumentParser:

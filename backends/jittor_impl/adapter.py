@@ -139,6 +139,7 @@ class Adapter:
         res = _tree_to_numpy(out)
         if rec is not None:
             res["intermediates"] = rec.numpy()
+            res["decisions"] = rec.decisions
         jt.sync_all()
         return res
 
@@ -186,6 +187,7 @@ class Adapter:
                 for n, g in grads.items())
         if rec is not None:
             res["intermediates"] = rec.numpy()
+            res["decisions"] = rec.decisions
         jt.sync_all()
         return res
 

@@ -13,6 +13,7 @@ from jittor import nn
 
 from . import framework as fw
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from .capture import is_recording, note_decision
 from .framework import jt
 
 
@@ -95,6 +96,16 @@ class SetCriterion(nn.Module):
                     out[k + suffix] = v * fw.scalar(self.weight_dict[k], v)
         return out
 
+    def _note_match(self, name: str, outputs, targets, injected: bool) -> None:
+        """While the harness records: keep the cost matrix [B, Q, T] (evidence for judging a
+        flipped assignment) and, when another side's assignment is injected, our own."""
+        if not is_recording():
+            return
+        if sum(len(t["labels"]) for t in targets):
+            note_decision(f"match_cost/{name}", self.matcher.cost_matrix(outputs, targets))
+        if injected:
+            note_decision(f"match_own/{name}", self.matcher(outputs, targets))
+
     def compute(self, outputs, targets, matches: Optional[Dict[str, List[np.ndarray]]] = None):
         """-> (losses OrderedDict name -> scalar Var in the official order,
                matches used: call name -> list over images of int64 [2, n]).
@@ -103,6 +114,7 @@ class SetCriterion(nn.Module):
         used: "OrderedDict[str, List[np.ndarray]]" = OrderedDict()
 
         def match(name, outs):
+            self._note_match(name, outs, targets, name in matches)
             if name in matches:
                 ind = [np.asarray(m, dtype=np.int64).reshape(2, -1) for m in matches[name]]
                 if len(ind) != len(targets):

@@ -8,7 +8,7 @@ import numpy as np
 from jittor import nn
 
 from . import framework as fw
-from .capture import is_recording, record
+from .capture import is_recording, note_decision, record
 from .common import MLP, Dropout, inverse_sigmoid
 from .deformable_attention import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group
@@ -196,14 +196,19 @@ class RTDETRTransformer(nn.Module):
         enc_outputs_coord_unact = self.enc_bbox_head(output_memory) + fw.constant(anchors)  # [B, S, 4]
         if s < self.num_queries:      # torch.topk raises; Jittor's would silently return fewer
             raise ValueError(f"{s} memory tokens < num_queries {self.num_queries}: input too small")
+        enc_scores = fw.max_values(enc_outputs_class, -1)                              # [B, S]: what top-k ranks
+        note_decision("topk_scores", enc_scores)
         if topk_index is None:
-            _, topk_ind = fw.topk(fw.max_values(enc_outputs_class, -1), self.num_queries, dim=1)
+            _, topk_ind = fw.topk(enc_scores, self.num_queries, dim=1)
         else:
             ti = np.asarray(topk_index)
             if ti.shape != (bs, self.num_queries) or ti.min() < 0 or ti.max() >= s:
                 raise ValueError(f"topk_index must be int [{bs}, {self.num_queries}] in [0, {s}), "
                                  f"got shape {ti.shape}")
             topk_ind = fw.constant(ti)
+            if is_recording():
+                # the harness injected another side's choice: keep our own, so that it is still judged
+                note_decision("topk_own", fw.topk(enc_scores, self.num_queries, dim=1)[1])
         topk_ind = topk_ind.stop_grad()
         record("decoder.enc_topk_index", topk_ind)
         reference_points_unact = fw.gather_rows(enc_outputs_coord_unact, topk_ind)

@@ -134,6 +134,7 @@ class Adapter:
         res = _tree_to_numpy(out)
         if capture:
             res["intermediates"] = rec.numpy()
+            res["decisions"] = rec.decisions
         return res
 
     def _train_forward_loss(self, x, tgts, dn_draws, matches, topk_index, multi_scale_size=None):
@@ -175,6 +176,7 @@ class Adapter:
             res["grads"] = grads
         if capture:
             res["intermediates"] = rec.numpy()
+            res["decisions"] = rec.decisions
         return res
 
     # --- training ----------------------------------------------------------------------

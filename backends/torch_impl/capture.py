@@ -23,6 +23,10 @@ class Recorder:
 
     def __init__(self) -> None:
         self.tensors: "OrderedDict[str, object]" = OrderedDict()
+        # evidence behind the discrete decisions (encoder scores, matching costs, this side's
+        # own choice when the harness injected another's): kept apart from the intermediates,
+        # which are compared tensor by tensor
+        self.decisions: "OrderedDict[str, np.ndarray]" = OrderedDict()
 
     def __enter__(self) -> "Recorder":
         _ACTIVE.append(self)
@@ -48,3 +52,17 @@ def record(name: str, tensor) -> None:
     """Store ``tensor`` under ``name`` in the innermost active recorder, if any."""
     if _ACTIVE:
         _ACTIVE[-1].add(name, tensor)
+
+
+def note_decision(name: str, value) -> None:
+    """Keep ``value`` (a tensor, array or list of int64 [2, n] arrays) as evidence of a discrete
+    decision (``topk_scores`` [B, S], ``topk_own`` [B, Q], ``match_cost/<call>`` [B, Q, T],
+    ``match_own/<call>``) in the innermost active recorder, if any."""
+    if not _ACTIVE:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _ACTIVE[-1].decisions[f"{name}/{i}"] = np.asarray(v, dtype=np.int64).reshape(2, -1)
+    else:
+        a = value if isinstance(value, np.ndarray) else to_numpy(value.detach())
+        _ACTIVE[-1].decisions[name] = a.astype(np.int64) if a.dtype == np.int32 else a

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from .capture import active, note_decision
 from .framework import bce_with_logits
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -100,7 +101,19 @@ class SetCriterion(nn.Module):
                 out.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
         return out
 
+    def _note_match(self, name: str, outputs, targets, injected: bool) -> None:
+        """While the harness records: keep the cost matrix [B, Q, T] (evidence for judging a
+        flipped assignment) and, when another side's assignment is injected, our own."""
+        if not active():
+            return
+        if sum(len(t["boxes"]) for t in targets):
+            note_decision(f"match_cost/{name}", self.matcher.cost_matrix(outputs, targets))
+        if injected:
+            own = self.matcher(outputs, targets)
+            note_decision(f"match_own/{name}", [np.stack([s.numpy(), t.numpy()]) for s, t in own])
+
     def _match(self, name: str, outputs, targets, matches: Optional[Mapping[str, Sequence]]) -> Indices:
+        self._note_match(name, outputs, targets, matches is not None and name in matches)
         if matches is not None and name in matches:
             out = []
             for m in matches[name]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import active, record
+from .capture import active, note_decision, record
 from .common import MLP, inverse_sigmoid
 from .deformable_attention import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group
@@ -231,12 +231,17 @@ class RTDETRTransformer(nn.Module):
         enc_class = self.enc_score_head(output_memory)
         enc_coord_unact = self.enc_bbox_head(output_memory) + anchors
 
+        enc_scores = enc_class.max(-1).values                      # [B, S]: what top-k ranks
+        note_decision("topk_scores", enc_scores)
         if topk_index is None:
-            _, topk_ind = topk(enc_class.max(-1).values, self.num_queries, dim=1)
+            _, topk_ind = topk(enc_scores, self.num_queries, dim=1)
         else:
             topk_ind = topk_index.to(device=memory.device, dtype=torch.int64)
             if tuple(topk_ind.shape) != (bs, self.num_queries):
                 raise ValueError(f"topk_index has shape {tuple(topk_ind.shape)}, expected {(bs, self.num_queries)}")
+            if active():
+                # the harness injected another side's choice: keep our own, so that it is still judged
+                note_decision("topk_own", topk(enc_scores, self.num_queries, dim=1)[1])
         record("decoder.enc_topk_index", topk_ind)
 
         ref_unact = enc_coord_unact.gather(1, topk_ind.unsqueeze(-1).repeat(1, 1, enc_coord_unact.shape[-1]))

@@ -1,0 +1,60 @@
+"""The verdict of a ``parity run --dtype both`` (the forward/grad default): float64 is the
+arbiter, float32 is judged against its own noise floor.
+
+* float64 (J64 vs T64, both under the same decisions, their own decisions classified) must
+  pass: there a real bug stands many orders of magnitude above rounding.
+* float32 (J32 vs T32 with the T64 floor) must pass too, except that a float32 gradient or
+  step tensor that fails while its float64 twin passes is *reported, not failed* when the
+  evidence says kink: nearly all of its error (>= 90 %) sits in a few rows (a ReLU input or a
+  grid_sample location within float32 rounding of its kink takes the other branch on one
+  side, which no noise-floor factor bounds), or it fails only the floor rule's absolute cap
+  (float32 is too noisy there to tell anything; float64 decides).  Every such tensor is
+  listed with its evidence.
+* Without a float64 run the float32 verdict is marked provisional.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from .run_compare import build_result
+
+EXPLAINABLE_GROUPS = ("grads", "step")
+
+
+def kink_evidence(e: Dict[str, Any]) -> str:
+    """Why a failing float32 tensor is explained by discrete float32 events, or ''."""
+    conc = e.get("concentration")
+    if conc and conc.get("few"):
+        return (f"{100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
+                f"(row {conc['row']} the largest): a float32 kink flip")
+    if e.get("cap_only"):
+        return f"within {e['ratio']:.3g}x the float32 floor {e['floor']:.2g} but above the cap: float32 too noisy here"
+    return ""
+
+
+def combine(results: Dict[str, Dict[str, Any]], base_info: Dict[str, Any], stage: str, dtype: str) -> Dict[str, Any]:
+    r64, r32 = results["float64"], results["float32"]
+    ok64 = bool(r64["passed"])
+    names64 = {e["name"]: e["passed"] for e in r64["tensors"]}
+    explained: List[Dict[str, Any]] = []
+    for e in r32["tensors"]:
+        if e["passed"] or e["group"] not in EXPLAINABLE_GROUPS or not ok64 or not names64.get(e["name"]):
+            continue
+        why = kink_evidence(e)
+        if why:
+            e.update(passed=True, rule="explained", explained=why)
+            explained.append({"name": e["name"], "group": e["group"], "ratio": e.get("ratio"),
+                              "err": e.get("err"), "floor": e.get("floor"), "evidence": why})
+    ok32 = all(e["passed"] for e in r32["tensors"])
+    if explained:        # the float32 groups, verdict and first divergence after the explanations
+        r32.update(build_result(stage, "float32", r32["tensors"], r32["labels"]))
+        r32.update(passed=ok32, status="pass" if ok32 else "fail", exit_code=0 if ok32 else 1)
+    passed = ok64 and ok32
+    res = dict(base_info)
+    res.update(dtype=dtype, stage=stage, status="pass" if passed else "fail", passed=passed,
+               exit_code=0 if passed else 1,
+               verdict_basis="float64 arbiter + float32 within its noise floor",
+               runs={"float64": r64, "float32": r32}, explained=explained,
+               first_divergence=(r64.get("first_divergence") or r32.get("first_divergence")),
+               labels={"float64": r64["labels"], "float32": r32["labels"]})
+    return res
