@@ -132,6 +132,14 @@ def summary_markdown(result: Dict[str, Any]) -> str:
         L.append(f"- **INJECTED FAULT** on the {result['fault_side']} side: {', '.join(result['faults'])}")
     L.append("")
     fd = result.get("first_divergence") or {}
+    if result.get("verdict_basis"):
+        L.append(f"- verdict rests on: {result['verdict_basis']}")
+    if result.get("decisions_rerun"):
+        rr = result["decisions_rerun"]
+        L.append(f"- {rr['own_run']}'s own decisions differed from {lab['base']}'s (classified under Decisions); "
+                 f"the continuous tensors are judged on {rr['judged_run']}, the same side re-run with "
+                 f"{lab['base']}'s decisions")
+    L.append("")
     L.append(f"**{C.describe_divergence(fd)}**" if fd else "**No divergence: every check passed.**")
     if fd:
         L.append("")
@@ -169,6 +177,13 @@ def summary_markdown(result: Dict[str, Any]) -> str:
                      f"{_g(e.get('ratio'), '.3g')} | {e.get('reason', '')} |")
         L.append("")
     L += floor_passes(result)
+    ex = result.get("explained") or []
+    if ex:
+        L += [f"## float32 tensors reported, not failed ({len(ex)})" + (" — PROVISIONAL, no float64 run confirmed them"
+                                                                          if result.get("provisional") else ""),
+              "", "| tensor | err | floor | ratio | evidence |", "|---|---|---|---|---|"]
+        L += [f"| `{x['name']}` | {_g(x.get('err'))} | {_g(x.get('floor'))} | {_g(x.get('ratio'), '.3g')} | "
+              f"{x['evidence']} |" for x in ex] + [""]
     gm = result.get("grads_by_module")
     if gm:
         L.append("## Gradients by module (worst first)")
@@ -218,6 +233,10 @@ def print_final(result: Dict[str, Any], stream=None) -> None:
     n = len(result["tensors"])
     nf = sum(1 for e in result["tensors"] if not e["passed"])
     verdict = "PASS" if result["passed"] else "FAIL"
+    for x in result.get("explained") or []:
+        w(f"  float32 reported, not failed: {x['name']} (ratio {_g(x.get('ratio'), '.3g')}): {x['evidence']}\n")
+    if result.get("provisional"):
+        verdict += " (PROVISIONAL: float32 only; run --dtype both for the float64 arbiter)"
     w(f"  {verdict}: {n - nf}/{n} checks passed  ({result['stage']}, {result['config']}, {result['dtype']}, "
       f"{result['wall_s']:.1f}s)\n")
     w(f"  result: {result['out']}/result.json\n")

@@ -43,7 +43,7 @@ from .case import CaseError, build_case, repo_root, runner_versions
 from .faults import FaultError, check_faults_against_spec, parse_faults
 from .fileio import read_npz_meta, write_json, write_text
 from .run_compare import build_result, compare_results, decisions_agree
-from .run_verdict import combine
+from .run_verdict import combine, explain_float32
 from .run_summary import print_final, summary_markdown
 from .thresholds import ThresholdError, load_thresholds
 
@@ -544,7 +544,12 @@ def run_stage(args) -> int:
         results = OrderedDict()
         for dt, pr in pairs.items():
             results[dt] = _compare_pair(stage, dt, pr, thresholds, cand_backend, before, base_info, reruns.get(dt))
-        res = combine(results, base_info, stage, dtype) if dtype == "both" else results[dtype]
+        if dtype == "both":
+            res = combine(results, base_info, stage, dtype)
+        else:
+            res = results[dtype]
+            if dtype == "float32" and "ref" in pairs["float32"]:
+                explain_float32(res, None, stage)
         res.update(thresholds_file=thresholds.path, versions={"runner": runner_versions(), **versions},
                    sides=[_side_info(j) for j in order])
         res["wall_s"] = time.perf_counter() - t_start
