@@ -12,8 +12,8 @@ from . import compare as C
 from . import decisions as D
 from .fileio import read_npz_meta
 
-GROUP_ORDER = ("intermediates", "outputs", "train_intermediates", "train_outputs", "decisions", "losses",
-               "grads", "step")
+GROUP_ORDER = ("intermediates", "outputs", "train_intermediates", "train_outputs", "train_buffers", "decisions",
+               "losses", "grads", "step")
 
 
 def _grad_order(names: Sequence[str]) -> List[str]:
@@ -42,6 +42,19 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
                         "passed": False, "rule": None, "shape": list(zb[key].shape),
                         "reason": f"missing on the {cand_side} side (contract: every name of backends/README.md)"})
+
+    def only_cand(name, group, mode=None, module=None):
+        """A name only the candidate records: the contract differs, which fails like a missing one."""
+        entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
+                        "passed": False, "rule": None, "shape": [], "mode": mode,
+                        "reason": f"recorded only on the {cand_side} side, missing on the base side"})
+
+    def extras(kind, group, name_of, module_of=None, mode=None):
+        """Every name of the candidate's order list ``kind`` that the base lacks fails."""
+        known = set(mb.get("order", {}).get(kind, []))
+        for n in mc.get("order", {}).get(kind, []):
+            if n not in known:
+                only_cand(name_of(n), group, mode, module_of(n) if module_of else None)
 
     def ref_of(key):
         if zr is None or key not in zr.files:
@@ -79,15 +92,22 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         for n in inter:
             one(f"{kp}int/{n}", name_pre + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
                 module=name_pre + n if name_pre else None, mode=mode)
-        extra = [n for n in mc.get("order", {}).get(kp + "intermediates", []) if n not in set(inter)]
-        if extra:
-            warnings.append(f"{cand_side} side records {len(extra)} {mode}-mode intermediate(s) the base side "
-                            f"does not: {', '.join(extra[:5])}")
+        for n in mc.get("order", {}).get(kp + "intermediates", []):
+            if n not in set(inter):
+                only_cand(name_pre + n, g_int, mode)
         for n in mb.get("order", {}).get(kp + "outputs", []):
             if n in inter:
                 continue          # the same tensor as the intermediate of that name
             one(f"{kp}out/{n}", f"{name_pre}outputs.{n}", g_out, module=name_pre + "outputs", mode=mode)
+        extras(kp + "outputs", g_out, lambda n: f"{name_pre}outputs.{n}", lambda n: name_pre + "outputs", mode)
 
+    if stage == "forward" and mb.get("order", {}).get("train/buffers"):
+        # BatchNorm running statistics after the train-mode pass, judged on their update
+        for n in mb["order"]["train/buffers"]:
+            one(f"train/buf/{n}", f"train.buffer.{n}", "train_buffers", module="train." + C.module_of(n),
+                prior=None if before is None else before.get(n), mode="train")
+        extras("train/buffers", "train_buffers", lambda n: f"train.buffer.{n}", lambda n: "train." + C.module_of(n),
+               "train")
     if stage == "grad":
         # 2. decisions: Hungarian matches per loss call
         for call in mb.get("order", {}).get("matches", []):
@@ -103,19 +123,19 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         for n in mb.get("order", {}).get("losses", []):
             one(f"loss/{n}", f"loss.{n}", "losses", module="criterion")
         one("loss_total", "loss.total", "losses", module="criterion")
-        cl = mc.get("order", {}).get("losses", [])
-        if cl and cl != mb.get("order", {}).get("losses", []):
-            warnings.append(f"loss names/order differ: base {len(mb['order']['losses'])} terms, "
-                            f"{cand_side} {len(cl)} terms")
+        extras("losses", "losses", lambda n: f"loss.{n}", lambda n: "criterion")
+        extras("matches", "decisions", lambda n: f"matches.{n}", lambda n: "matcher")
         # 4. gradients (backward order)
         for n in _grad_order(mb.get("order", {}).get("grads", [])):
             one(f"grad/{n}", f"grad.{n}", "grads", module=C.module_of(n))
         # the total gradient norm clip_grad_norm saw in train_step (a gradient quantity)
         one("step_grad_norm", "grad.total_norm", "grads", module="optimizer")
+        extras("grads", "grads", lambda n: f"grad.{n}", C.module_of)
         # 5. parameters (and BN statistics) after one optimiser step
         for n in mb.get("order", {}).get("step", []):
             one(f"step/{n}", f"step.{n}", "step", module=C.module_of(n),
                 prior=None if before is None else before.get(n))
+        extras("step", "step", lambda n: f"step.{n}", C.module_of)
     zb.close()
     zc.close()
     if zr is not None:

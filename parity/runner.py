@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import compare as C
-from .case import CaseError, build_case, repo_root, runner_versions
+from .case import Case, CaseError, build_case, repo_root, runner_versions
 from .faults import FaultError, check_faults_against_spec, parse_faults
 from .fileio import read_npz_meta, write_json, write_text
 from .run_compare import build_result, compare_results, decisions_agree
@@ -537,10 +537,7 @@ def run_stage(args) -> int:
 
         # compare
         progress.line("  comparing ...")
-        before = None
-        if stage == "grad":
-            from .case import Case
-            before = Case(case_dir, verify=False).weights()
+        before = Case(case_dir, verify=False).weights()     # the step and BN buffers are judged on updates
         results = OrderedDict()
         for dt, pr in pairs.items():
             results[dt] = _compare_pair(stage, dt, pr, thresholds, cand_backend, before, base_info, reruns.get(dt))

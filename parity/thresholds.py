@@ -17,7 +17,7 @@ DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "thresho
 STAGES = ("forward", "grad")
 DTYPES = ("float32", "float64")
 GROUPS = {
-    "forward": ("intermediates", "outputs", "train_intermediates", "train_outputs"),
+    "forward": ("intermediates", "outputs", "train_intermediates", "train_outputs", "train_buffers"),
     "grad": ("intermediates", "outputs", "losses", "grads", "step"),
 }
 _KEYS = ("rel_l2", "cos", "atol", "zero_ref", "k", "allowance", "cap", "cos_ref")

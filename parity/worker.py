@@ -261,6 +261,14 @@ class Worker:
             res = self.timed("forward_train", adapter.forward, images, train=True, capture=True,
                              topk_index=train_topk)
             self._store_forward(res, arrays, meta, prefix="train/")
+            # BatchNorm running statistics after that train-mode pass (momentum, unbiased
+            # variance and num_batches_tracked are otherwise invisible in the forward stage)
+            from rtdetr_core.param_spec import param_spec
+            bufs = {e.name for e in param_spec(cfg) if e.kind == "buffer"}
+            exp = self.timed("export_weights", adapter.export_weights)
+            meta["order"]["train/buffers"] = [k for k in exp if k in bufs]
+            for k in meta["order"]["train/buffers"]:
+                arrays[f"train/buf/{k}"] = np.asarray(exp[k])
         else:
             res = self.timed("loss_backward", adapter.loss, images, targets, dn, matches=matches,
                              topk_index=topk, backward=True, capture=True)
