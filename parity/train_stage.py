@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -220,6 +220,38 @@ def compare(out: str, sides: Sequence[Side], logs: Dict[str, Dict[str, Any]], ma
     res["update_l2"] = {lab: float(np.sqrt(sum(float(np.sum((np.asarray(w[n], np.float64) - np.asarray(w_init[n], np.float64)) ** 2))
                                                for n in names))) for lab, w in finals.items()}
     return res
+
+
+def side_checks(sides: Sequence[Side], logs: Dict[str, Dict[str, Any]],
+                case_digests: Dict[str, Any]) -> Tuple[Dict[str, bool], List[Dict[str, Any]]]:
+    """``(inputs_ok, checks)``: per side, did it consume exactly the case's streams, and did
+    its losses stay finite (verdict sides)."""
+    inputs_ok: Dict[str, bool] = {}
+    checks: List[Dict[str, Any]] = []
+    for s in sides:
+        got = [(r["epoch"], r["step"], r["batch"]) for r in logs[s.label]["iterations"]]
+        # all([]) is True: a side that consumed nothing proved nothing about its inputs
+        inputs_ok[s.label] = bool(got) and all(case_digests[str(e)][k] == b for e, k, b in got)
+        c = {"check": f"inputs_{s.label}", "text": f"{s.label} consumed exactly the case's streams",
+             "value": inputs_ok[s.label], "passed": inputs_ok[s.label], "rule": "exact"}
+        if not inputs_ok[s.label]:
+            c["reason"] = f"{s.label} logged no iteration" if not got else f"{s.label} did not consume the case's streams"
+        checks.append(c)
+    verdict_sides = [s for s in sides if s.role != "ref"]
+    for s in verdict_sides:
+        nf = logs[s.label].get("nonfinite")
+        if nf:
+            # never a pass, even when both sides blow up at the same iteration: a run that
+            # ends in NaN compares nothing after it (and a shared NaN may be a shared bug)
+            others = [logs[o.label].get("nonfinite") for o in verdict_sides if o is not s]
+            same = bool(others) and all(o and o["iteration"] == nf["iteration"] for o in others)
+            checks.append({"check": f"finite_{s.label}", "passed": False, "rule": "exact",
+                           "text": f"{s.label} losses stay finite", "same_iteration_on_all_sides": same,
+                           "value": f"non-finite {nf['term']} at iteration {nf['iteration']} (epoch {nf['epoch']})",
+                           "reason": f"{s.label} stopped: non-finite {nf['term']} at iteration {nf['iteration']}"
+                                     + (" (every side at the same iteration: nothing is compared after it)"
+                                        if same else "")})
+    return inputs_ok, checks
 
 
 # ----------------------------------------------------------------------------------------
@@ -424,38 +456,10 @@ def run(args: argparse.Namespace) -> int:
         progress.line("  evaluating and comparing ...")
         logs = {s.label: read_json(os.path.join(s.dir, "log.json")) for s in sides}
         maps = {s.label: evaluate_side(s.dir, manifest, cfg) for s in sides}
-        case_digests = manifest["streams"]["batch_digests"]
-        inputs_ok = {}
-        for s in sides:
-            got = [(r["epoch"], r["step"], r["batch"]) for r in logs[s.label]["iterations"]]
-            # all([]) is True: a side that consumed nothing proved nothing about its inputs
-            inputs_ok[s.label] = bool(got) and all(case_digests[str(e)][k] == b for e, k, b in got)
         cmp_ = compare(out, sides, logs, maps, cfg, thresholds, plan, max_tie_rows)
         statuses = {s.label: logs[s.label].get("status") for s in sides}
         nonfinite = {lab: logs[lab]["nonfinite"] for lab in logs if logs[lab].get("nonfinite")}
-
-        checks: List[Dict[str, Any]] = []
-        for s in sides:
-            c = {"check": f"inputs_{s.label}", "text": f"{s.label} consumed exactly the case's streams",
-                 "value": inputs_ok[s.label], "passed": bool(inputs_ok[s.label]), "rule": "exact"}
-            if not inputs_ok[s.label]:
-                c["reason"] = (f"{s.label} logged no iteration" if not logs[s.label]["iterations"]
-                               else f"{s.label} did not consume the case's streams")
-            checks.append(c)
-        verdict_sides = [s for s in sides if s.role != "ref"]
-        for s in verdict_sides:
-            nf = logs[s.label].get("nonfinite")
-            if nf:
-                # never a pass, even when both sides blow up at the same iteration: a run that
-                # ends in NaN compares nothing after it (and a shared NaN may be a shared bug)
-                others = [logs[o.label].get("nonfinite") for o in verdict_sides if o is not s]
-                same = bool(others) and all(o and o["iteration"] == nf["iteration"] for o in others)
-                checks.append({"check": f"finite_{s.label}", "passed": False, "rule": "exact",
-                               "text": f"{s.label} losses stay finite", "same_iteration_on_all_sides": same,
-                               "value": f"non-finite {nf['term']} at iteration {nf['iteration']} (epoch {nf['epoch']})",
-                               "reason": f"{s.label} stopped: non-finite {nf['term']} at iteration {nf['iteration']}"
-                                         + (" (every side at the same iteration: nothing is compared after it)"
-                                            if same else "")})
+        inputs_ok, checks = side_checks(sides, logs, manifest["streams"]["batch_digests"])
         stopped = any(v == "stopped" for v in statuses.values())
         cb = cmp_.get("cand_base")
         if cb is not None:
