@@ -63,6 +63,10 @@ def test_eval_stage_all_metrics_both_backends_within_threshold(eval_run):
     assert res["agreement"]["n_base"] > 0, "no detections compared: the agreement check is vacuous"
     assert res["agreement"]["mean_agreement"] >= 0.9
     assert res["raw_outputs"]["pred_logits"]["within_forward_threshold"]
+    # the raw-output gate judged every batch (5 images, batch 2: 3 batches) with the forward bound
+    g = res["raw_gate"]
+    assert g["passed"] and g["batches"] == 3 and g["failed_batches"] == 0
+    assert g["threshold"]["rel_l2"] == 1e-5 and g["worst"]["pred_logits"]["rel_l2"] <= 1e-5
     for be in ("torch", "jittor"):
         dets = json.loads((out / f"detections_{be}.json").read_text())
         assert isinstance(dets, list)
