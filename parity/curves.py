@@ -24,7 +24,16 @@ is 0).  The metrics (:func:`curve_metrics`):
                       compared before training amplifies anything;
 * ``param_drift``     ||w_cand - w_base|| / ||w_base|| over every trainable parameter of the final
                       weights (per model part too), and ``vs_update`` = ||w_cand - w_base|| /
-                      ||w_base - w_init|| (drift relative to how far training moved the weights).
+                      ||w_base - w_init|| (drift relative to how far training moved the weights);
+* ``buffer_rel``      worst rel L2 of any state entry outside the trainable parameters (BN running
+                      statistics, frozen parameters; integer counters must be equal) at every
+                      common checkpoint and at the end (``parity/train_state.py``);
+* ``eval_outputs_rel`` worst rel L2 of the eval-mode pred_logits / pred_boxes on the val images at
+                      every evaluated epoch (tie flips of the top-k paired, ``parity/outputs_match.py``).
+
+Nothing asked for may be missing: zero compared iterations, fewer compared iterations than
+logged, or an mAP / eval output / final state that the plan asked for but a side lacks all
+FAIL (``missing`` in the metrics) instead of passing as "not measured".
 
 Verdict (:func:`judge`): a metric passes by the first rule that holds — ``fixed`` (value <=
 ``max``; for ``lockstep_min``: length >= ``min``) or ``floor`` (float32 with a reference:
@@ -44,7 +53,7 @@ DEFAULT_LOCKSTEP_REL = 1e-4
 DEFAULT_WINDOW = 5
 MAP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 CHECKS = ("first_grad_norm_rel", "epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift",
-          "lockstep_min")
+          "buffer_rel", "eval_outputs_rel", "lockstep_min")
 _RULE_KEYS = {"max", "min", "k", "allowance"}
 
 
@@ -218,8 +227,16 @@ def param_drift(w_cand: Mapping[str, np.ndarray], w_base: Mapping[str, np.ndarra
 
 def curve_metrics(cand: Mapping[str, Any], base: Mapping[str, Any], *, map_cand=None, map_base=None,
                   w_cand=None, w_base=None, w_init=None, names: Sequence[str] = (),
+                  buffers: Optional[Mapping[str, Any]] = None, eval_outputs: Optional[Mapping[str, Any]] = None,
+                  expect_evals: Sequence[int] = (), expect_final: bool = False,
+                  labels: Sequence[str] = ("cand", "base"),
                   lockstep_rel: float = DEFAULT_LOCKSTEP_REL, window: int = DEFAULT_WINDOW) -> Dict[str, Any]:
-    """Every curve metric of ``cand`` against ``base`` (two worker logs, see the module docstring)."""
+    """Every curve metric of ``cand`` against ``base`` (two worker logs, see the module docstring).
+
+    ``buffers`` / ``eval_outputs``: the comparisons of ``parity/train_state.py``.  ``expect_evals``
+    (epochs the plan evaluated on both sides) and ``expect_final`` (both sides completed) say
+    what must be there: a check whose data is missing then fails (``missing``) instead of
+    passing as not measured."""
     idiffs = iteration_diffs(cand, base)
     ed = epoch_diffs(cand, base)
     worst_total = max(ed, key=lambda d: d["total_rel"], default=None)
@@ -246,11 +263,44 @@ def curve_metrics(cand: Mapping[str, Any], base: Mapping[str, Any], *, map_cand=
         m["param_drift"] = m["drift"]["rel_l2"]
     else:
         m["drift"], m["param_drift"] = None, None
+    m["lockstep"]["iterations_logged"] = max(len(cand.get("iterations", [])), len(base.get("iterations", [])))
+    m["buffers"] = dict(buffers) if buffers else None
+    m["buffer_rel"] = buffers["worst"] if buffers else None
+    m["eval_outputs"] = dict(eval_outputs) if eval_outputs else None
+    m["eval_outputs_rel"] = eval_outputs["worst"] if eval_outputs else None
+    m["missing"] = missing_data(m, map_cand, map_base, expect_evals, expect_final, labels)
+    for c in m["missing"]:
+        m[c] = None                     # judged as missing, never on partial data
     m["lockstep_min"] = m["lockstep"]["length"]
     # iteration 1: identical weights and inputs on both sides, so the pre-clip gradient norm
     # compares the backward passes before any training chaos (later norms amplify differences)
     m["first_grad_norm_rel"] = idiffs[0]["grad_norm_rel"] if idiffs and idiffs[0]["same_batch"] else None
     return m
+
+
+def missing_data(m: Mapping[str, Any], map_cand, map_base, expect_evals: Sequence[int], expect_final: bool,
+                 labels: Sequence[str]) -> Dict[str, str]:
+    """check -> why its data is missing, for data the plan asked for (see :func:`curve_metrics`)."""
+    out: Dict[str, str] = {}
+    want = sorted(int(e) for e in expect_evals)
+    if want:
+        for lab, mp in zip(labels, (map_cand, map_base)):
+            have = {int(k) for k in (mp or {})}
+            gone = [e for e in want if e not in have]
+            if gone:
+                out["map_abs"] = f"mAP of epoch(s) {gone} missing on {lab} (the plan evaluated them)"
+                break
+        got = {int(p["epoch"]) for p in ((m.get("eval_outputs") or {}).get("epochs") or [])}
+        gone = [e for e in want if e not in got]
+        if gone:
+            out["eval_outputs_rel"] = f"eval outputs of epoch(s) {gone} not on both sides (the plan evaluated them)"
+    if expect_final:
+        if m.get("param_drift") is None:
+            out["param_drift"] = f"final weights missing on {labels[0]} or {labels[1]} (both completed)"
+        pts = [p["point"] for p in ((m.get("buffers") or {}).get("points") or [])]
+        if "final" not in pts:
+            out["buffer_rel"] = f"final buffers missing on {labels[0]} or {labels[1]} (both completed)"
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,6 +397,8 @@ CHECK_TEXT = {
     "final_window_rel": "relative difference of the mean total loss over the final window",
     "map_abs": "absolute AP difference at the last evaluation (AP units)",
     "param_drift": "relative L2 distance of the final trainable parameters",
+    "buffer_rel": "worst relative L2 of any buffer (BN running statistics; counters exact) at checkpoints and the end",
+    "eval_outputs_rel": "worst relative L2 of the eval-mode pred_logits/pred_boxes on the val images (every eval)",
     "lockstep_min": "iterations in lock-step (every term within the lock-step tolerance)",
 }
 
@@ -361,14 +413,28 @@ def judge(metrics: Mapping[str, Any], rules: Mapping[str, TrainRule],
         fl = floor.get(c) if floor is not None else None
         e: Dict[str, Any] = {"check": c, "text": CHECK_TEXT[c], "value": v, "floor": fl, "threshold": r.to_dict(),
                              "rule": None, "passed": False}
+        miss = (metrics.get("missing") or {}).get(c)
+        if miss:
+            e["reason"] = f"missing: {miss}"
+            out.append(e)
+            continue
         if v is None:
             e.update(passed=True, rule="n/a", reason="not measured in this run")
             out.append(e)
             continue
         v = float(v)
         if c == "lockstep_min":
-            need = min(r.min, float(metrics.get("lockstep", {}).get("iterations_compared", r.min)))
-            if v >= need:
+            ls = metrics.get("lockstep", {})
+            n = int(ls.get("iterations_compared", 0))
+            logged = int(ls.get("iterations_logged", n))
+            need = min(r.min, float(n))
+            if n == 0:
+                # min(min, 0) = 0 would pass: nothing compared proves nothing
+                e["reason"] = "no iteration compared (no common iteration in the two logs)"
+            elif n < logged:
+                e["reason"] = (f"only {n} of {logged} logged iterations compared (iteration numbers "
+                               f"diverge or a side logged fewer)")
+            elif v >= need:
                 e.update(passed=True, rule="fixed")
             else:
                 e["reason"] = f"only {int(v)} iteration(s) in lock-step, need {int(need)}"
@@ -384,9 +450,19 @@ def judge(metrics: Mapping[str, Any], rules: Mapping[str, TrainRule],
             bound = f"max {r.max:.3g}"
             if r.k is not None and fl is not None:
                 bound += f" or {r.k:g} x floor {float(fl):.3g} + {r.allowance:.3g}"
-            e["reason"] = f"{v:.3g} above {bound}"
+            e["reason"] = f"{v:.3g} above {bound}{_where(c, metrics)}"
         out.append(e)
     return out
+
+
+def _where(check: str, metrics: Mapping[str, Any]) -> str:
+    """Where a failing buffer / eval-output error sits (for the one-line reason)."""
+    if check == "buffer_rel" and metrics.get("buffers"):
+        w = metrics["buffers"].get("worst_at") or {}
+        return f" (worst {w.get('tensor')} at {w.get('point')})"
+    if check == "eval_outputs_rel" and metrics.get("eval_outputs"):
+        return f" (epoch {metrics['eval_outputs'].get('worst_at')})"
+    return ""
 
 
 def jsonable(x: Any) -> Any:

@@ -28,7 +28,8 @@ import numpy as np
 # defaults (used when thresholds.yaml has no such key); the YAML holds the reasoning
 SECTION_DEFAULTS: Dict[str, Dict[str, float]] = {
     "detect": {"match_iou": 0.5, "min_agreement": 0.9},
-    "eval": {"max_ap_diff": 0.002, "match_iou": 0.5, "score_threshold": 0.3, "min_mean_agreement": 0.0},
+    "eval": {"max_ap_diff": 0.002, "match_iou": 0.5, "score_threshold": 0.3, "min_mean_agreement": 0.0,
+             "max_tie_rows": 4},
 }
 
 

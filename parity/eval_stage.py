@@ -19,12 +19,17 @@ Output folder::
                                matched, mean/min IoU, max score diff, label agreement, agreement
     result.json                written last: "status": "ok", passed, exit code, metrics per
                                backend, differences, thresholds, agreement summary, worst
-                               images, raw-output errors (max over batches); on an error
+                               images, raw-output errors (max over batches, row by row) and
+                               the raw-output gate (``raw_gate``: worst error per key, failing
+                               batches, tie flips); on an error
                                "status": "error" and the message (as parity.runner's result.json)
     summary.md                 the same as tables
 
-Exit codes: 0 every AP difference within ``eval.max_ap_diff`` (thresholds.yaml), 1 not,
-2 error (one line on stderr; result.json says "error").
+Exit codes: 0 every AP difference within ``eval.max_ap_diff`` (thresholds.yaml) and every
+batch's raw outputs (pred_logits, pred_boxes) within ``forward.<dtype>.outputs`` — the AP alone
+cannot fail with untrained weights (AP ~0 on both sides); a float32 top-k near-tie that
+reorders a few queries is paired and reported, not failed (``parity/outputs_match.py``) —
+1 not, 2 error (one line on stderr; result.json says "error").
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from typing import Any, Dict, IO, List, Optional, Sequence
 
 import numpy as np
 
+from .outputs_match import OutputsGate
 from .procs import WorkerError, default_out, find_python, mark_failed, prepare_out, write_model_case
 
 CSV_FIELDS = ("image_id", "file_name", "n_gt", "n_torch", "n_jittor", "matched", "mean_iou", "min_iou",
@@ -236,6 +242,8 @@ def _run(args: argparse.Namespace) -> int:
     rows: List[Dict[str, Any]] = []
     dropped = {be: 0 for be in backends}
     raw_err = {k: {"rel_l2": 0.0, "max_abs": 0.0} for k in ("pred_logits", "pred_boxes")}
+    # judged batch by batch as it streams by: only the worst error and the failures are kept
+    gate = OutputsGate(th.get("forward", args.dtype, "outputs"), int(sec["max_tie_rows"]))
     batch_meta: Dict[int, Dict[str, Any]] = {}
 
     def batches():
@@ -265,6 +273,8 @@ def _run(args: argparse.Namespace) -> int:
             results, d = coco_results_from(res[be], ids, lut)
             dropped[be] += d
             writers[be].extend(results)
+        gate.add(k, {key: res["jittor"][key] for key in ("pred_logits", "pred_boxes")},
+                 {key: res["torch"][key] for key in ("pred_logits", "pred_boxes")})
         for key in raw_err:
             e = tensor_errors(res["jittor"][key], res["torch"][key])
             raw_err[key]["rel_l2"] = max(raw_err[key]["rel_l2"], float(e["rel_l2"]))
@@ -327,7 +337,8 @@ def _run(args: argparse.Namespace) -> int:
     ag = summarize(rows)
     ap_ok = all(d["passed"] for d in diffs)
     ag_ok = ag.get("mean_agreement", 1.0) >= sec["min_mean_agreement"]
-    passed = ap_ok and ag_ok
+    raw_gate = gate.summary()
+    passed = ap_ok and ag_ok and raw_gate["passed"]
     worst_rows = [{k: r[k] for k in CSV_FIELDS} for r in worst(rows, n_worst)]
     fth = th.get("forward", args.dtype, "outputs")
     raw_cmp = {k: {**v, "threshold_rel_l2": fth.rel_l2, "within_forward_threshold": v["rel_l2"] <= fth.rel_l2}
@@ -343,6 +354,7 @@ def _run(args: argparse.Namespace) -> int:
           f"max |dscore| {ag['max_score_diff']:.3g}, label agreement {ag['label_agreement']:.4f}")
     print(f"raw outputs (max over batches): pred_logits rel_l2 {raw_err['pred_logits']['rel_l2']:.3g}, "
           f"pred_boxes rel_l2 {raw_err['pred_boxes']['rel_l2']:.3g}")
+    print(raw_gate_line(raw_gate))
     if ag["n_base"] == 0 and ag["n_cand"] == 0:
         print(f"note: no detection scores >= {sec['score_threshold']:g} on either side (untrained weights?): the "
               f"per-image agreement compares nothing; lower the threshold with --conf")
@@ -366,6 +378,7 @@ def _run(args: argparse.Namespace) -> int:
         "metrics": {be: dict(metrics[be]) for be in backends}, "diffs": diffs,
         "max_abs_ap_diff": max(abs(d["diff"]) for d in diffs),
         "agreement": ag, "mean_agreement": ag["mean_agreement"], "worst_images": worst_rows, "raw_outputs": raw_cmp,
+        "raw_gate": raw_gate,
         "dropped_without_category": dropped,
         "workers": {be: {"versions": info[be]["ready"].get("versions"), "threads": info[be]["ready"].get("threads"),
                          "timing": info[be]["ready"].get("timing"),
@@ -378,8 +391,23 @@ def _run(args: argparse.Namespace) -> int:
     write_text(os.path.join(out, "summary.md"), render_md(result))
     write_json(os.path.join(out, "result.json"), result)       # last: the verdict
     print(f"\n{'PASS' if passed else 'FAIL'}: max |AP diff| {max(abs(d['diff']) for d in diffs):.5f} "
-          f"(limit {sec['max_ap_diff']:g}); results in {out}")
+          f"(limit {sec['max_ap_diff']:g}); raw outputs {'agree' if raw_gate['passed'] else 'DIFFER'}; results in {out}")
     return code
+
+
+def raw_gate_line(g: Dict[str, Any]) -> str:
+    """One line on the raw-output gate (printed and in summary.md)."""
+    w = g["worst"]
+    txt = (f"raw-output gate (forward thresholds, rel_l2 <= {g['threshold'].get('rel_l2'):g}): "
+           f"{g['batches'] - g['failed_batches']}/{g['batches']} batches pass, worst pred_logits "
+           f"{w['pred_logits']['rel_l2']:.3g}, pred_boxes {w['pred_boxes']['rel_l2']:.3g}")
+    if g["tie_flips"]:
+        f = g["flips"][0]
+        txt += (f"; {g['tie_flips']} batch(es) with a top-k tie flip (compared after pairing queries), first: "
+                f"batch {f['batch']}, {f['kind']} flip, score gap {f['score_gap']:.2g}")
+    if g["reason"]:
+        txt += f"; FAIL: {g['reason']}"
+    return txt
 
 
 def render_md(r: Dict[str, Any]) -> str:
@@ -410,5 +438,6 @@ def render_md(r: Dict[str, Any]) -> str:
                          f"{w['agreement']:.3f} | {w['max_score_diff']:.3g} |")
     lines += ["", f"Raw outputs, max over batches: pred_logits rel-L2 {r['raw_outputs']['pred_logits']['rel_l2']:.3g}, "
                   f"pred_boxes rel-L2 {r['raw_outputs']['pred_boxes']['rel_l2']:.3g}.", "",
+              raw_gate_line(r["raw_gate"]) + ".", "",
               f"**{'PASS' if r['passed'] else 'FAIL'}**", ""]
     return "\n".join(lines)

@@ -12,6 +12,11 @@ only); the backends know nothing about it.  Spec forms:
                           (monkey-patched into the backend module at run time).
 ``config:KEY=VALUE``      change one config value on this side (``decoder.num_queries=200``):
                           simulates two sides that do not build the same model.
+``bn-momentum:V``         every trainable BatchNorm2d of this side updates its running statistics
+                          with momentum V instead of 0.1 (patched into the backend's BatchNorm2d
+                          class before the model is built).  Train-mode forward uses batch
+                          statistics, so losses and gradients stay identical: only the buffers
+                          and the eval-mode outputs can show it (the train stage's buffer check).
 ``crash:KIND``            ``raise`` (Python exception in the task), ``abort`` (SIGABRT, no
                           error file), ``exit`` (``os._exit(7)``, no error file).
 """
@@ -34,7 +39,7 @@ class FaultError(ValueError):
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str                  # weight | upsample | config | crash
+    kind: str                  # weight | upsample | config | bn-momentum | crash
     target: str = ""           # weight name/pattern, config key, upsample mode, crash kind
     op: str = ""               # weight op
     value: Any = None          # weight op value / config value
@@ -69,11 +74,19 @@ def parse_fault(spec: str) -> Fault:
             raise FaultError(f"fault '{spec}': expected config:KEY=VALUE")
         import yaml
         return Fault("config", key, value=yaml.safe_load(v), spec=s)
+    if kind == "bn-momentum":
+        try:
+            val = float(rest)
+        except ValueError:
+            raise FaultError(f"fault '{spec}': expected bn-momentum:V with a number V in (0, 1]") from None
+        if not 0.0 < val <= 1.0:
+            raise FaultError(f"fault '{spec}': momentum must be in (0, 1], got {val:g}")
+        return Fault("bn-momentum", value=val, spec=s)
     if kind == "crash":
         if rest not in CRASH_KINDS:
             raise FaultError(f"fault '{spec}': expected crash:{'|'.join(CRASH_KINDS)}")
         return Fault("crash", rest, spec=s)
-    raise FaultError(f"fault '{spec}': unknown kind '{kind}' (weight, upsample, config, crash)")
+    raise FaultError(f"fault '{spec}': unknown kind '{kind}' (weight, upsample, config, bn-momentum, crash)")
 
 
 def parse_faults(specs: Optional[Sequence[str]]) -> List[Fault]:
@@ -135,6 +148,8 @@ def install_runtime_faults(backend: str, faults: Sequence[Fault]) -> List[str]:
     """Monkey-patch backend modules for behavioural faults (call after importing the adapter)."""
     done = []
     for f in faults:
+        if f.kind == "bn-momentum":
+            done.append(_patch_bn_momentum(backend, float(f.value)))
         if f.kind != "upsample":
             continue
         if backend == "jittor":
@@ -161,6 +176,24 @@ def install_runtime_faults(backend: str, faults: Sequence[Fault]) -> List[str]:
             hybrid_encoder.F = _Shim()
         done.append("encoder FPN upsampling: nearest -> bilinear")
     return done
+
+
+def _patch_bn_momentum(backend: str, momentum: float) -> str:
+    """Wrap the backend's BatchNorm2d constructor so every instance built afterwards keeps
+    ``momentum`` (both classes read ``self.momentum`` in their train-mode update)."""
+    if backend == "jittor":
+        from backends.jittor_impl import framework as fw
+        cls = fw.BatchNorm2d
+    else:
+        from backends.torch_impl import framework as fw
+        cls = fw.BatchNorm2d
+    init = cls.__init__
+
+    def patched(self, *a, _init=init, **kw):
+        _init(self, *a, **kw)
+        self.momentum = momentum
+    cls.__init__ = patched
+    return f"BatchNorm2d running-statistics momentum: 0.1 -> {momentum:g}"
 
 
 def maybe_crash(faults: Sequence[Fault]) -> None:

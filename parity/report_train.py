@@ -30,6 +30,10 @@ def train_numbers(res: Mapping[str, Any]) -> Dict[str, Any]:
         out["lockstep"] = cb.get("lockstep")
         out["final_window"] = cb.get("final_window")
         out["drift"] = cb.get("drift")
+        out["buffers"] = {k: (cb.get("buffers") or {}).get(k) for k in ("worst", "worst_at")} if cb.get("buffers") else None
+        out["eval_outputs"] = ({k: cb["eval_outputs"].get(k) for k in ("worst", "worst_at", "tie_flips")}
+                               if cb.get("eval_outputs") else None)
+        out["missing"] = cb.get("missing") or {}
         out["map_diff"] = {k: v for k, v in (cb.get("map") or {}).items() if k != "per_epoch"} if cb.get("map") else None
         out["epochs"] = [{"epoch": d["epoch"], "base_total": d["base_total"], "cand_total": d["cand_total"],
                           "total_rel": d["total_rel"], "worst_term": d["worst_term"],
@@ -38,6 +42,7 @@ def train_numbers(res: Mapping[str, Any]) -> Dict[str, Any]:
         out["floor"] = {"lockstep": fl.get("lockstep"), "epoch_total_rel": fl.get("epoch_total_rel"),
                         "epoch_term_rel": fl.get("epoch_term_rel"), "final_window_rel": fl.get("final_window_rel"),
                         "map_abs": fl.get("map_abs"), "param_drift": fl.get("param_drift"),
+                        "buffer_rel": fl.get("buffer_rel"), "eval_outputs_rel": fl.get("eval_outputs_rel"),
                         "epochs": [{"epoch": d["epoch"], "total_rel": d["total_rel"],
                                     "worst_term_rel": d["worst_term_rel"]} for d in fl.get("epochs", [])]}
     return out
@@ -205,6 +210,24 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
             L.append("")
             L.append(f"Floor (T32 vs T64): rel L2 {g(fl['drift']['rel_l2'])}, |T32-T64| / update "
                      f"{g(fl['drift'].get('vs_update'))}.")
+        L.append("")
+    if cb and (cb.get("buffers") or cb.get("eval_outputs")):
+        # train mode uses batch statistics: only these two show a bug in the running statistics
+        L.append(f"{heading}# Buffers and eval-mode outputs")
+        L.append("")
+        b, eo = cb.get("buffers"), cb.get("eval_outputs")
+        if b:
+            w = b.get("worst_at") or {}
+            L.append(f"- buffers (BN running statistics; counters must be equal), checked at "
+                     f"{', '.join(p['point'] for p in b.get('points', []))}: worst rel L2 {g(b.get('worst'))} "
+                     f"(`{w.get('tensor')}` at {w.get('point')})"
+                     + (f"; floor (T32 vs T64) {g(fl.get('buffer_rel'))}" if fl else ""))
+        if eo:
+            L.append(f"- eval-mode pred_logits / pred_boxes on the val images, epochs "
+                     f"{', '.join(str(e['epoch']) for e in eo.get('epochs', []))}: worst rel L2 {g(eo.get('worst'))}"
+                     + (f"; floor {g(fl.get('eval_outputs_rel'))}" if fl else "")
+                     + (f"; {eo['tie_flips']} evaluation(s) with a top-k tie flip, compared after pairing queries"
+                        if eo.get("tie_flips") else ""))
         L.append("")
     if cb and cb.get("epochs"):
         L.append(f"{heading}# Per-epoch difference")

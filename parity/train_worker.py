@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--stop-after-epoch", type=int, default=None, help="stop (with a checkpoint) after this epoch")
     p.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
-                   help="tests: weight:NAME:OP=V, upsample:bilinear, crash:KIND, nonfinite:ITERATION")
+                   help="tests: weight:NAME:OP=V, upsample:bilinear, bn-momentum:V, crash:KIND, nonfinite:ITERATION")
     return p
 
 

@@ -63,6 +63,10 @@ def test_eval_stage_all_metrics_both_backends_within_threshold(eval_run):
     assert res["agreement"]["n_base"] > 0, "no detections compared: the agreement check is vacuous"
     assert res["agreement"]["mean_agreement"] >= 0.9
     assert res["raw_outputs"]["pred_logits"]["within_forward_threshold"]
+    # the raw-output gate judged every batch (5 images, batch 2: 3 batches) with the forward bound
+    g = res["raw_gate"]
+    assert g["passed"] and g["batches"] == 3 and g["failed_batches"] == 0
+    assert g["threshold"]["rel_l2"] == 1e-5 and g["worst"]["pred_logits"]["rel_l2"] <= 1e-5
     for be in ("torch", "jittor"):
         dets = json.loads((out / f"detections_{be}.json").read_text())
         assert isinstance(dets, list)
@@ -126,3 +130,27 @@ def test_eval_bad_data_is_one_line_exit_2(tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("parity: error:") and "not found" in lines[0]
     assert not (out / "result.json").exists()
+
+
+def test_eval_raw_gate_fails_where_the_ap_cannot(tmp_path):
+    """Untrained weights: AP ~0 on both sides, so the AP gate alone always passed.  With an
+    output bound tighter than the real float32 agreement (~1e-7) the raw gate must fail the
+    run (exit 1) although every AP difference is 0: the gate is live, not decorative."""
+    import yaml
+
+    from parity.thresholds import DEFAULT_PATH
+    with open(DEFAULT_PATH) as fh:
+        th = yaml.safe_load(fh)
+    th["forward"]["float32"]["outputs"] = {"rel_l2": 1.0e-12, "atol": 0.0}
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(yaml.safe_dump(th))
+    out = tmp_path / "out"
+    r = parity("run", "--stage", "eval", "--config", "smoke", "--limit", "2", "--batch-size", "2",
+               "--thresholds", str(tight), "--out", str(out))
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    assert all(d["passed"] for d in res["diffs"])              # the AP gate passes ...
+    g = res["raw_gate"]
+    assert not res["passed"] and not g["passed"] and g["failed_batches"] == 1   # ... the raw gate does not
+    assert "pred_logits" in g["reason"] or "pred_boxes" in g["reason"]
+    assert "raw outputs DIFFER" in r.stdout

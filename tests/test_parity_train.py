@@ -77,8 +77,15 @@ def test_smoke_train_run_passes_thresholds(runs):
     # every side consumed exactly the runner's streams
     assert res["inputs_identical"] == {"T32": True, "J32": True, "T64": True}
     names = {c["check"] for c in res["checks"]}
-    assert {"epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift", "lockstep_min"} <= names
+    assert {"epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift", "lockstep_min",
+            "buffer_rel", "eval_outputs_rel"} <= names
     cb = res["metrics"]["cand_base"]
+    # buffers (BN running statistics, counters) at both checkpoints and the end; eval outputs of epoch 2
+    assert [p["point"] for p in cb["buffers"]["points"]] == ["epoch_0001", "epoch_0002", "final"]
+    assert cb["buffers"]["n_integer"] > 0 and all(p["n_integer_mismatch"] == 0 for p in cb["buffers"]["points"])
+    assert [e["epoch"] for e in cb["eval_outputs"]["epochs"]] == [2] and not cb["missing"]
+    by = {c["check"]: c for c in res["checks"]}
+    assert by["buffer_rel"]["passed"] and by["eval_outputs_rel"]["passed"] and by["map_abs"]["rule"] != "n/a"
     assert cb["lockstep"]["length"] >= 1                # same weights + same batch: the first step agrees
     assert 0 < cb["param_drift"] < 1e-3
     assert set(res["map"]) == {"T32", "J32", "T64"} and all("2" in m for m in res["map"].values())
@@ -132,7 +139,8 @@ def test_resumed_run_reports_the_same_comparison(runs):
         full = json.load(fh)
     assert res["status"] == "pass"
     a, b = res["metrics"]["cand_base"], full["metrics"]["cand_base"]
-    for k in ("epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift"):
+    for k in ("epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift", "buffer_rel",
+              "eval_outputs_rel"):
         assert a[k] == b[k], k
     assert a["lockstep"] == b["lockstep"]
 
@@ -223,6 +231,22 @@ def test_injected_weight_fault_fails_the_gate(tmp_path):
     failed = {c["check"] for c in res["checks"] if not c["passed"]}
     assert "lockstep_min" in failed                          # the very first iteration already differs
     assert res["faults"] and res["fault_side"] == "jittor"
+
+
+def test_buffer_only_fault_fails_the_train_stage(tmp_path):
+    """A BN momentum of 0.2 on the Jittor side: train mode normalises by batch statistics, so
+    every loss and parameter agrees -- only the buffers and the eval-mode outputs differ."""
+    out = str(tmp_path / "bn")
+    r = parity("run", "--stage", "train", *SMALL, "--epochs", "2", "--no-reference",
+               "--inject-fault", "bn-momentum:0.2", "--out", out)
+    _ok(r, 1)
+    with open(os.path.join(out, "result.json")) as fh:
+        res = json.load(fh)
+    failed = {c["check"] for c in res["checks"] if not c["passed"]}
+    assert failed == {"buffer_rel", "eval_outputs_rel"}, res["verdict"]
+    assert res["metrics"]["cand_base"]["lockstep"]["length"] == 4            # the losses never noticed
+    assert "buffer_rel" in res["verdict"] and "running_" in res["verdict"]
+    assert any("momentum" in f for f in res["sides"][1]["faults"])
 
 
 @pytest.mark.parametrize("argv,needle", [
