@@ -70,12 +70,10 @@ def test_eval_outputs(golden, case, preset, request):
     inter = out["intermediates"]
     got = np.concatenate([out["pred_logits"], out["pred_boxes"]], -1)
     ref = np.concatenate([golden[f"{case}_pred_logits"], golden[f"{case}_pred_boxes"]], -1)
-    # eval640_r50vd has two pairs of top-k scores 1-2 ulp apart (e.g. -1.6826541 / -1.6826539):
-    # float32 rounding may swap such neighbours; every query still matches one row <= 1e-4
-    moved = _rows_match(got, ref, ATOL)
-    score = inter["decoder.enc_topk_logits"].max(-1)
-    gaps = np.abs(np.diff(score, axis=1))
-    assert moved <= 2 * int((gaps < 1e-6).sum()), moved
+    # eval640_r50vd has pairs of top-k scores 1-2 ulp apart (e.g. -1.6826541 / -1.6826539):
+    # float32 rounding (which differs by CPU) may swap such neighbours; every query still
+    # matches one row <= 1e-4, and every move is an order flip within float32 noise
+    moved = _rows_match(got, ref, ATOL, inter["decoder.enc_topk_logits"].max(-1))
     if moved == 0:
         assert maxerr(got, ref) <= ATOL
     if case.startswith("evalns"):      # AIFI position-embedding quirk on a 12x16 map
@@ -101,22 +99,32 @@ def test_every_intermediate_r18vd(golden, r18):
     np.testing.assert_array_equal(out["pred_logits"], inter["pred_logits"])
 
 
-def _rows_match(got, ref, atol):
+# two encoder scores closer than this may come out of top-k in either order on another CPU:
+# ~10x float32's rounding of a score ~2 after the r50vd encoder (1.3e-6 relative floor)
+TIE_GAP = 2e-5
+
+
+def _rows_match(got, ref, atol, score):
     """Equal up to the order of queries whose top-k scores are near-tied: every row of
-    ``got`` has a row of ``ref`` within atol; returns how many rows moved."""
+    ``got`` has a row of ``ref`` within atol, and a row that moved from position q to p did
+    so across scores within TIE_GAP (``score`` [B, Q]: this side's sorted top-k scores, so
+    every query between p and q scores between score[p] and score[q]); returns the count."""
     moved = 0
     for b in range(got.shape[0]):
         d = np.abs(got[b][:, None, :] - ref[b][None, :, :]).max(-1)
         best = d.argmin(1)
         assert d.min(1).max() <= atol and len(set(best.tolist())) == len(best)
-        moved += int((best != np.arange(len(best))).sum())
+        mv = np.nonzero(best != np.arange(len(best)))[0]
+        gaps = np.abs(score[b][mv] - score[b][best[mv]])
+        assert gaps.max(initial=0.0) <= TIE_GAP, (b, mv.tolist(), gaps.tolist())
+        moved += len(mv)
     return moved
 
 
 def _check_train(golden, a, preset, grad_rtol):
     images, targets, draws = train_batch(golden, preset)
     pre = f"train_{preset}_"
-    r = a.loss(images, targets, draws, backward=True)
+    r = a.loss(images, targets, draws, backward=True, capture=True)
     names = [str(n) for n in golden[pre + "loss_names"]]
     assert list(r["losses"]) == names
     vals = np.array([r["losses"][n] for n in names])
@@ -131,9 +139,8 @@ def _check_train(golden, a, preset, grad_rtol):
         np.testing.assert_array_equal(rows, golden[pre + "match_all"][c])
     # main outputs (train mode): near-tied top-k scores may swap neighbouring queries
     both = lambda o: np.concatenate([o["pred_logits"], o["pred_boxes"]], -1)  # noqa: E731
-    moved = _rows_match(both(r["outputs"]), np.concatenate([golden[pre + "pred_logits"], golden[pre + "pred_boxes"]], -1),
-                        5e-4)
-    assert moved <= 10
+    _rows_match(both(r["outputs"]), np.concatenate([golden[pre + "pred_logits"], golden[pre + "pred_boxes"]], -1),
+                5e-4, r["intermediates"]["decoder.enc_topk_logits"].max(-1))
     # gradients: every trainable parameter, spec order; noise-level ones compared absolutely
     gnames = [str(n) for n in golden[pre + "grad_names"]]
     assert list(r["grads"]) == gnames
