@@ -83,7 +83,19 @@ def test_eval_outputs(golden, case, preset, request):
 
 def test_every_intermediate_r18vd(golden, r18):
     g = lambda k: golden[f"inter_r18vd_{k}"]  # noqa: E731
-    out = fresh(r18).forward(g("input"), capture=True)
+    own = fresh(r18).forward(g("input"), capture=True)["intermediates"]
+    # this CPU's float32 may order near-tied encoder scores differently from the golden
+    # machine's: the own selection must equal the golden one up to such order flips, and the
+    # continuous intermediates are compared under the golden selection
+    sel, ref_sel = own["decoder.enc_topk_index"], g("enc_topk_index")
+    if not np.array_equal(sel, ref_sel):
+        assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(sel, ref_sel))
+        score = own["decoder.enc_topk_logits"].max(-1)
+        for b in range(sel.shape[0]):
+            pos = {q: i for i, q in enumerate(ref_sel[b].tolist())}
+            mv = [i for i, q in enumerate(sel[b].tolist()) if pos[q] != i]
+            assert max(abs(float(score[b][i] - score[b][pos[sel[b][i]]])) for i in mv) <= TIE_GAP["eval"]
+    out = fresh(r18).forward(g("input"), capture=True, topk_index=ref_sel)
     inter = out["intermediates"]
     pairs = [(f"backbone.res_layers.{i + 1}", g(f"backbone_{i}")) for i in range(3)]
     pairs += [("encoder.encoder.0.pos_embed", g("aifi_pos_embed")), ("encoder.encoder.0", g("aifi_out"))]
@@ -100,14 +112,15 @@ def test_every_intermediate_r18vd(golden, r18):
 
 
 # two encoder scores closer than this may come out of top-k in either order on another CPU:
-# ~10x float32's rounding of a score ~2 after the r50vd encoder (1.3e-6 relative floor)
-TIE_GAP = 2e-5
+# ~10x float32's rounding of a score ~2 after the encoder -- measured float32 floors (T32 vs
+# T64, parity-r50vd): eval mode 1.3e-6 relative, train mode (BN batch statistics) 2.0e-5
+TIE_GAP = {"eval": 2e-5, "train": 4e-4}
 
 
-def _rows_match(got, ref, atol, score):
+def _rows_match(got, ref, atol, score, mode="eval"):
     """Equal up to the order of queries whose top-k scores are near-tied: every row of
     ``got`` has a row of ``ref`` within atol, and a row that moved from position q to p did
-    so across scores within TIE_GAP (``score`` [B, Q]: this side's sorted top-k scores, so
+    so across scores within TIE_GAP[mode] (``score`` [B, Q]: this side's sorted top-k scores, so
     every query between p and q scores between score[p] and score[q]); returns the count."""
     moved = 0
     for b in range(got.shape[0]):
@@ -116,7 +129,7 @@ def _rows_match(got, ref, atol, score):
         assert d.min(1).max() <= atol and len(set(best.tolist())) == len(best)
         mv = np.nonzero(best != np.arange(len(best)))[0]
         gaps = np.abs(score[b][mv] - score[b][best[mv]])
-        assert gaps.max(initial=0.0) <= TIE_GAP, (b, mv.tolist(), gaps.tolist())
+        assert gaps.max(initial=0.0) <= TIE_GAP[mode], (b, mv.tolist(), gaps.tolist())
         moved += len(mv)
     return moved
 
@@ -140,7 +153,7 @@ def _check_train(golden, a, preset, grad_rtol):
     # main outputs (train mode): near-tied top-k scores may swap neighbouring queries
     both = lambda o: np.concatenate([o["pred_logits"], o["pred_boxes"]], -1)  # noqa: E731
     _rows_match(both(r["outputs"]), np.concatenate([golden[pre + "pred_logits"], golden[pre + "pred_boxes"]], -1),
-                5e-4, r["intermediates"]["decoder.enc_topk_logits"].max(-1))
+                5e-4, r["intermediates"]["decoder.enc_topk_logits"].max(-1), "train")
     # gradients: every trainable parameter, spec order; noise-level ones compared absolutely
     gnames = [str(n) for n in golden[pre + "grad_names"]]
     assert list(r["grads"]) == gnames
