@@ -45,6 +45,37 @@ class CaseError(ValueError):
 # the batch (one swappable function)
 # ----------------------------------------------------------------------------------------
 
+class _Picked:
+    """A dataset view holding the chosen indices, in order (the case's batch)."""
+
+    def __init__(self, ds, indices):
+        self.ds, self.indices = ds, [int(i) for i in indices]
+        self.num_classes = getattr(ds, "num_classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.ds[self.indices[i]]
+
+
+def _with_empty_image(ds, indices: np.ndarray) -> np.ndarray:
+    """The seeded first batch; at batch >= 2 with no image lacking boxes, its last image is
+    replaced by the split's first one without boxes, so that every default case has unequal
+    box counts and one image without any (criterion, matcher and denoising edge cases)."""
+    idx = np.asarray(indices, dtype=np.int64).copy()
+    if len(idx) < 2:
+        return idx
+    counts = getattr(ds, "box_counts", None)
+    counts = counts() if callable(counts) else None
+    if counts is None or any(counts[i] == 0 for i in idx):
+        return idx
+    empty = [i for i, c in enumerate(counts) if c == 0]
+    if empty:
+        idx[-1] = empty[0]
+    return idx
+
+
 def make_batch(cfg, stage: str, batch_size: int, seed: int, data_root: Optional[str] = None
                ) -> Tuple[np.ndarray, List[Dict[str, np.ndarray]], Optional[Dict[str, np.ndarray]], Dict[str, Any]]:
     """First batch of epoch 0 of a COCO-layout dataset (default: the bundled synthetic set),
@@ -53,6 +84,7 @@ def make_batch(cfg, stage: str, batch_size: int, seed: int, data_root: Optional[
 
     Returns ``(images, targets, dn_draws, meta)``."""
     from rtdetr_core.data import DataError, ensure_synthetic_dataset, iterate_batches, open_split
+    from rtdetr_core.data.loader import epoch_order
 
     synthetic = data_root is None
     try:
@@ -72,9 +104,11 @@ def make_batch(cfg, stage: str, batch_size: int, seed: int, data_root: Optional[
         if len(ds) < batch_size:
             raise CaseError(f"{root}: the {split} split has {len(ds)} images, fewer than --batch-size {batch_size}")
         num_dn = cfg.decoder.num_denoising if stage == "grad" else 0
-        it = iterate_batches(ds, batch_size, seed=seed, epoch=0, shuffle=True,
+        picked = _with_empty_image(ds, epoch_order(len(ds), seed, 0, shuffle=True)[:batch_size])
+        it = iterate_batches(_Picked(ds, picked), batch_size, seed=seed, epoch=0, shuffle=False,
                              num_denoising=num_dn, num_classes=cfg.num_classes)
         images, targets, meta = next(iter(it))
+        meta["indices"] = picked
     except DataError as e:
         raise CaseError(f"data: {e}") from None
     max_label = max((int(t["labels"].max()) for t in targets if len(t["labels"])), default=-1)
@@ -87,6 +121,10 @@ def make_batch(cfg, stage: str, batch_size: int, seed: int, data_root: Optional[
             "indices": [int(i) for i in meta["indices"]], "image_ids": [int(i) for i in meta["image_ids"]],
             "orig_sizes": meta["orig_sizes"].tolist(), "num_boxes": [len(t["labels"]) for t in tg],
             "image_size": list(images.shape[2:])}
+    if batch_size >= 2:
+        info["empty_image"] = "the last image is the split's first image without boxes (a hard case: no " \
+                              "targets, no denoising queries of its own)" if any(n == 0 for n in info["num_boxes"]) \
+                              else "the split has no image without boxes"
     return np.ascontiguousarray(images, dtype=np.float32), tg, meta["dn_draws"], info
 
 

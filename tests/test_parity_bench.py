@@ -32,7 +32,7 @@ def test_bench_smoke_writes_every_measure_for_both_backends(tmp_path):
     assert doc["schema"] == 1 and doc["kind"] == "parity-bench"
     assert doc["settings"]["repeat"] == 2 and doc["settings"]["modes"] == ["eval", "train"]
     (run,) = doc["runs"]
-    assert run["config"] == "smoke" and run["size"] == [128, 128] and run["batch"] == 1
+    assert run["config"] == "smoke" and run["size"] == [96, 160] and run["batch"] == 1
     expected = {"eval_forward", "train_step", "eval_first_call", "train_first_call", "eval_startup",
                 "train_startup", "eval_peak_rss", "train_peak_rss"}
     assert set(run["measures"]) == expected

@@ -66,6 +66,7 @@ def detect_run(images, tmp_path_factory):
 
 def test_detect_images_both_backends_agree(detect_run, images):
     from parity.compare import judge_tensor
+    from parity.outputs_match import align_batch
     from parity.thresholds import load_thresholds
 
     r, out = detect_run
@@ -76,11 +77,13 @@ def test_detect_images_both_backends_agree(detect_run, images):
     assert "untrained" in summary["weights"]["note"]
     th = load_thresholds().get("forward", "float32", "outputs")
     rt, rj = np.load(out / "raw_torch.npz"), np.load(out / "raw_jittor.npz")
-    assert rt["input"].shape == (3, 3, 128, 128) and rt["input"].dtype == np.float32
+    assert rt["input"].shape == (3, 3, 96, 160) and rt["input"].dtype == np.float32
     np.testing.assert_array_equal(rt["input"], rj["input"])          # the same tensor went to both
-    for key in ("pred_logits", "pred_boxes"):
-        e = judge_tensor(key, "outputs", rj[key], rt[key], th=th)
-        assert e["passed"], e
+    keys = ("pred_logits", "pred_boxes")
+    c, b, flip = align_batch({k: rj[k] for k in keys}, {k: rt[k] for k in keys})   # near-tie order flips paired
+    for key in keys:
+        e = judge_tensor(key, "outputs", c[key], b[key], th=th)
+        assert e["passed"], (e, flip)
     gray = rt["input"][2]
     np.testing.assert_array_equal(gray[0], gray[1])                   # grayscale -> RGB replicated
     np.testing.assert_array_equal(gray[0], gray[2])

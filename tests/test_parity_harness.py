@@ -88,8 +88,9 @@ def test_case_roundtrip(smoke_case):
     assert list(w) == list(ref)
     assert all(np.array_equal(w[k], ref[k]) and w[k].shape == ref[k].shape for k in ref)
     images, targets = c.inputs()
-    assert images.shape == (2, 3, 128, 128) and images.dtype == np.float32
+    assert images.shape == (2, 3, 96, 160) and images.dtype == np.float32      # non-square: H x W
     assert len(targets) == 2 and targets[0]["boxes"].shape[1] == 4
+    assert len(targets[0]["labels"]) > 0 and len(targets[1]["labels"]) == 0      # the hard case: one empty image
     dn = c.dn_draws()
     assert set(dn) == {"label_mask_rand", "new_label", "box_sign_rand01", "box_rand_part"}
 

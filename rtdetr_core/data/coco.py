@@ -267,6 +267,11 @@ class CocoDetection:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def box_counts(self) -> List[int]:
+        """Non-crowd annotations per item, from the file (no image read; degenerate boxes,
+        dropped when an item is loaded, still count)."""
+        return [sum(1 for a in self.coco.imgToAnns.get(i, []) if not a.get("iscrowd", 0)) for i in self.ids]
+
     def __repr__(self) -> str:
         return (f"CocoDetection({len(self)} images, {len(self.coco.anns)} annotations, K={self.num_classes}, "
                 f"image_size={self.image_size}, ann_file={self.ann_file!r})")
