@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--share-decisions", action="store_true",
                     help="feed PyTorch's top-k selection and matches to the Jittor side")
     rp.add_argument("--no-reference", action="store_true", help="skip the float64 noise-floor reference")
+    rp.add_argument("--float64-budget", type=float, default=1800.0, metavar="SECONDS",
+                    help="--dtype both: skip the Jittor float64 run when its estimate exceeds this; the "
+                         "verdict is then float32 only and provisional (default 1800; 0 = never skip)")
     rp.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
     rp.add_argument("--thresholds", default=None, metavar="YAML",
                     help="thresholds file (default: parity/thresholds.yaml)")

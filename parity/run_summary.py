@@ -236,7 +236,7 @@ def print_final(result: Dict[str, Any], stream=None) -> None:
     for x in result.get("explained") or []:
         w(f"  float32 reported, not failed: {x['name']} (ratio {_g(x.get('ratio'), '.3g')}): {x['evidence']}\n")
     if result.get("provisional"):
-        verdict += " (PROVISIONAL: float32 only; run --dtype both for the float64 arbiter)"
+        verdict += f" ({result.get('verdict_basis') or 'PROVISIONAL: float32 only'})"
     w(f"  {verdict}: {n - nf}/{n} checks passed  ({result['stage']}, {result['config']}, {result['dtype']}, "
       f"{result['wall_s']:.1f}s)\n")
     w(f"  result: {result['out']}/result.json\n")

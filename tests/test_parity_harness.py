@@ -258,3 +258,15 @@ def test_stale_result_removed_even_on_early_error(tmp_path, capsys):
     assert rc == 2
     res = json.loads((out / "result.json").read_text())
     assert res["status"] == "error" and res["passed"] is False and "environment missing" in res["error"]["message"]
+
+
+def test_float64_run_skipped_only_over_budget():
+    """--dtype both: the Jittor float64 run is skipped (verdict float32-only, provisional) only
+    when its estimate from the PyTorch float64 run exceeds --float64-budget; 0 never skips."""
+    from parity.runner import J64_OVER_T64, Job, _float64_too_long
+    t64 = Job("T64", "ref", "torch", "python", "float64", "grad", "x.npz")
+    t64.wall = 100.0
+    assert _float64_too_long(t64, 100.0 * J64_OVER_T64 + 1) is None
+    why = _float64_too_long(t64, 600.0)
+    assert why and "~22 min" in why and "600 s" in why
+    assert _float64_too_long(t64, 0) is None
