@@ -37,6 +37,10 @@ def explain_float32(r32: Dict[str, Any], r64: Optional[Dict[str, Any]], stage: s
     docstring) as ``rule: explained``; with ``r64`` only where float64 passed them, without
     it provisionally.  Re-computes r32's groups, first divergence and verdict."""
     ok64 = r64 is None or bool(r64["passed"])
+    # a kink flips a branch of the BACKWARD pass only: with anything failing upstream (the
+    # forward tensors, decisions, losses) the gradient excess is that failure's, not a kink's
+    if any(not e["passed"] for e in r32["tensors"] if e["group"] not in EXPLAINABLE_GROUPS):
+        ok64 = False
     names64 = None if r64 is None else {e["name"]: e["passed"] for e in r64["tensors"]}
     explained: List[Dict[str, Any]] = []
     for e in r32["tensors"]:

@@ -87,7 +87,7 @@ def test_smoke_passes(root, stage, dtype):
         assert res["labels"] == {"cand": "J64", "base": "T64"}
     md = open(os.path.join(res["out"], "summary.md")).read()
     assert "PASS" in md
-    assert "PASS:" in out
+    assert "PASS:" in out or "PASS (float32 only, PROVISIONAL" in out
 
 
 @pytest.mark.parametrize("stage", ["forward", "grad"])
