@@ -27,14 +27,42 @@ if MSDA_IMPL not in ("fused", "pure"):
 # operation for operation, so float32 results are bit-equal to torch's on this machine:
 #   x = fma(g + 1, W / 2, -0.5) with g = 2 loc - 1; corners nw, ne, sw, se with weights
 #   s*e, s*w, n*e, n*w; sample = fma(se_v, se, fma(sw_v, sw, fma(ne_v, ne, nw_v * nw)));
-#   output = sum over (level, point) of sample * weight, in that order;
+#   output = sum over the n = levels x points terms sample * weight like torch's inner
+#   sum: V = one vector (8 float32 / 4 float64) of lane accumulators over the first
+#   floor(n / V) * V terms, then tail terms summed from 0, then + lane 0 ... V-1
+#   (bit-equal for n <= 4 V: 32 float32 / 16 float64 terms; RT-DETR has 12);
 #   d value: gOut * corner weight added corner by corner over chunks of one AVX2 vector
 #   of sample points (32 bytes: 8 float32 / 4 float64), torch's scatter order;
-#   d grid x: gx = fma(fma(se - sw, n, (ne - nw) * s), gOut, gx) over channels, * W / 2.
+#   d grid x: gx = fma(fma(se - sw, n, (ne - nw) * s), gOut, gx) over channels, * W / 2;
+#   d weight: sum over channels of dout * sample as torch reduces [B*M, C, Lq*L*P] over C:
+#   columns in whole chunks of 4 vectors (32 float32 / 16 float64) by torch_col_sum, the
+#   last columns by torch_row_sum (bit-equal for C < 256).
 # Every other product/sum must stay unfused: the kernels are built with -ffp-contract=off.
 _HEADER = r"""
 #include <cmath>
 #include <algorithm>
+#include <vector>
+// torch's sum of n < 256 strided terms down a column (multi_row_sum: blocks of 16, each
+// summed from 0, added up; the rest summed from 0, then + the blocks)
+template <typename T> static inline T torch_col_sum(const T* x, int n, int stride) {
+    T blocks = 0, rest = 0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        T blk = 0;
+        for (int j = 0; j < 16; j++) blk += x[(i + j) * stride];
+        blocks += blk;
+    }
+    for (; i < n; i++) rest += x[i * stride];
+    return rest + blocks;
+}
+// torch's scalar row_sum: four interleaved partial sums (rest into the first), in order
+template <typename T> static inline T torch_row_sum(const T* x, int n) {
+    const int m = n / 4;
+    T a[4];
+    for (int k = 0; k < 4; k++) a[k] = torch_col_sum(x + k, m, 4);
+    for (int i = 4 * m; i < n; i++) a[0] += x[i];
+    return ((a[0] + a[1]) + a[2]) + a[3];
+}
 template <typename T> struct MsdaSample {
     T n, s, w, e, wt[4];
     int off[4];                     // pixel index (row-major, within the level) per corner
@@ -70,26 +98,37 @@ _FORWARD = r"""
 typedef in0_type T;
 const int B = in0_shape0, S = in0_shape1, M = in0_shape2, C = in0_shape3;
 const int Lq = in1_shape1, L = in1_shape3, P = in1_shape4;
+const int V = 32 / sizeof(T), n = L * P, nv = n / V;    // torch's inner sum, see above
 #pragma omp parallel for schedule(static)
 for (int bm = 0; bm < B * M; bm++) {
     const int b = bm / M, m = bm % M;
+    std::vector<T> acc((size_t)C * V), tail(C);
     T cv[4];
     for (int q = 0; q < Lq; q++) {
-        T* o = out0_p + ((long)(b * Lq + q) * M + m) * C;
-        for (int c = 0; c < C; c++) o[c] = 0;
+        std::fill(acc.begin(), acc.end(), (T)0);
+        std::fill(tail.begin(), tail.end(), (T)0);
         for (int l = 0; l < L; l++) {
             const int h = in3_p[3 * l], wd = in3_p[3 * l + 1], start = in3_p[3 * l + 2];
             const T* v = in0_p + ((long)b * S + start) * M * C + (long)m * C;
             for (int p = 0; p < P; p++) {
                 const long k = (((long)(b * Lq + q) * M + m) * L + l) * P + p;
+                const int t = l * P + p;
                 MsdaSample<T> sp;
                 sp.setup(in1_p[2 * k], in1_p[2 * k + 1], h, wd);
                 const T a = in2_p[k];
                 for (int c = 0; c < C; c++) {
                     sp.corners(v, (long)M * C, c, cv);
-                    o[c] = o[c] + MsdaSample<T>::interp(cv, sp.wt) * a;
+                    const T term = MsdaSample<T>::interp(cv, sp.wt) * a;
+                    if (t < nv * V) acc[(size_t)c * V + t % V] += term;
+                    else tail[c] += term;
                 }
             }
+        }
+        T* o = out0_p + ((long)(b * Lq + q) * M + m) * C;
+        for (int c = 0; c < C; c++) {
+            T r = tail[c];
+            for (int i = 0; i < V; i++) r += acc[(size_t)c * V + i];
+            o[c] = r;
         }
     }
 }
@@ -110,7 +149,9 @@ for (int bm = 0; bm < B * M; bm++) {
         std::fill(out0_p + ((long)b * S + t) * ld + (long)m * C, out0_p + ((long)b * S + t) * ld + (long)m * C + C, (T)0);
     MsdaSample<T> sp[8];
     long kk[8], dd[8];
-    T a[8], go[8], gx[8], gy[8], ga[8], cv[4];
+    T a[8], go[8], gx[8], gy[8], cv[4];
+    std::vector<T> prod((size_t)K * C);          // dout * sample per point and channel
+    const int ncol = Lq * L * P, vcol = ncol / (4 * K) * (4 * K);
     for (int l = 0; l < L; l++) {
         const int h = in3_p[3 * l], wd = in3_p[3 * l + 1], start = in3_p[3 * l + 2];
         const T* v = in0_p + ((long)b * S + start) * ld + (long)m * C;
@@ -123,7 +164,7 @@ for (int bm = 0; bm < B * M; bm++) {
                 dd[j] = ((long)(b * Lq + q) * M + m) * C;
                 sp[j].setup(in1_p[2 * kk[j]], in1_p[2 * kk[j] + 1], h, wd);
                 a[j] = in2_p[kk[j]];
-                gx[j] = 0; gy[j] = 0; ga[j] = 0;
+                gx[j] = 0; gy[j] = 0;
             }
             for (int c = 0; c < C; c++) {
                 for (int j = 0; j < nk; j++) go[j] = in4_p[dd[j] + c] * a[j];
@@ -134,13 +175,15 @@ for (int bm = 0; bm < B * M; bm++) {
                     sp[j].corners(v, ld, c, cv);
                     gx[j] = std::fma(std::fma(cv[3] - cv[2], sp[j].n, (cv[1] - cv[0]) * sp[j].s), go[j], gx[j]);
                     gy[j] = std::fma(std::fma(cv[3] - cv[1], sp[j].w, (cv[2] - cv[0]) * sp[j].e), go[j], gy[j]);
-                    ga[j] = ga[j] + in4_p[dd[j] + c] * MsdaSample<T>::interp(cv, sp[j].wt);
+                    prod[(size_t)j * C + c] = in4_p[dd[j] + c] * MsdaSample<T>::interp(cv, sp[j].wt);
                 }
             }
             for (int j = 0; j < nk; j++) {
                 out1_p[2 * kk[j]] = gx[j] * ((T)wd / (T)2) * (T)2;      // d grid * 2 = d location
                 out1_p[2 * kk[j] + 1] = gy[j] * ((T)h / (T)2) * (T)2;
-                out2_p[kk[j]] = ga[j];
+                const int col = (k0 + j) / P * L * P + l * P + (k0 + j) % P;
+                const T* pr = prod.data() + (size_t)j * C;
+                out2_p[kk[j]] = col < vcol ? torch_col_sum(pr, C, 1) : torch_row_sum(pr, C);
             }
         }
     }
