@@ -81,12 +81,12 @@ template <typename T> struct MsdaSample {
             off[k] = cy * wd + cx;
         }
     }
-    // corner values of channel c; v points at value[b, start, m, 0], row stride ld
-    inline void corners(const T* v, long ld, int c, T* cv) const {
-        for (int k = 0; k < 4; k++) cv[k] = ok[k] ? v[off[k] * ld + c] : (T)0;
+    // channel rows of the 4 corners (zero row outside): v = &value[b, start, m, 0], row stride ld
+    inline void rows(const T* v, long ld, const T* zero, const T** r) const {
+        for (int k = 0; k < 4; k++) r[k] = ok[k] ? v + off[k] * ld : zero;
     }
-    static inline T interp(const T* cv, const T* wt) {
-        return std::fma(cv[3], wt[3], std::fma(cv[2], wt[2], std::fma(cv[1], wt[1], cv[0] * wt[0])));
+    inline T interp(const T* const* r, int c) const {
+        return std::fma(r[3][c], wt[3], std::fma(r[2][c], wt[2], std::fma(r[1][c], wt[1], r[0][c] * wt[0])));
     }
 };
 """
@@ -102,8 +102,8 @@ const int V = 32 / sizeof(T), n = L * P, nv = n / V;    // torch's inner sum, se
 #pragma omp parallel for schedule(static)
 for (int bm = 0; bm < B * M; bm++) {
     const int b = bm / M, m = bm % M;
-    std::vector<T> acc((size_t)C * V), tail(C);
-    T cv[4];
+    std::vector<T> acc((size_t)V * C), tail(C), zero(C, (T)0);   // acc: [lane, channel]
+    const T* r[4];
     for (int q = 0; q < Lq; q++) {
         std::fill(acc.begin(), acc.end(), (T)0);
         std::fill(tail.begin(), tail.end(), (T)0);
@@ -116,18 +116,15 @@ for (int bm = 0; bm < B * M; bm++) {
                 MsdaSample<T> sp;
                 sp.setup(in1_p[2 * k], in1_p[2 * k + 1], h, wd);
                 const T a = in2_p[k];
-                for (int c = 0; c < C; c++) {
-                    sp.corners(v, (long)M * C, c, cv);
-                    const T term = MsdaSample<T>::interp(cv, sp.wt) * a;
-                    if (t < nv * V) acc[(size_t)c * V + t % V] += term;
-                    else tail[c] += term;
-                }
+                sp.rows(v, (long)M * C, zero.data(), r);
+                T* dst = t < nv * V ? acc.data() + (size_t)(t % V) * C : tail.data();
+                for (int c = 0; c < C; c++) dst[c] += sp.interp(r, c) * a;
             }
         }
         T* o = out0_p + ((long)(b * Lq + q) * M + m) * C;
         for (int c = 0; c < C; c++) {
             T r = tail[c];
-            for (int i = 0; i < V; i++) r += acc[(size_t)c * V + i];
+            for (int i = 0; i < V; i++) r += acc[(size_t)i * C + c];
             o[c] = r;
         }
     }
@@ -149,8 +146,10 @@ for (int bm = 0; bm < B * M; bm++) {
         std::fill(out0_p + ((long)b * S + t) * ld + (long)m * C, out0_p + ((long)b * S + t) * ld + (long)m * C + C, (T)0);
     MsdaSample<T> sp[8];
     long kk[8], dd[8];
-    T a[8], go[8], gx[8], gy[8], cv[4];
-    std::vector<T> prod((size_t)K * C);          // dout * sample per point and channel
+    T a[8], gx[8], gy[8];
+    const T* r[4];
+    // per point and channel: gOut = dout * weight, and dout * sample
+    std::vector<T> go((size_t)K * C), prod((size_t)K * C), zero(C, (T)0);
     const int ncol = Lq * L * P, vcol = ncol / (4 * K) * (4 * K);
     for (int l = 0; l < L; l++) {
         const int h = in3_p[3 * l], wd = in3_p[3 * l + 1], start = in3_p[3 * l + 2];
@@ -166,16 +165,23 @@ for (int bm = 0; bm < B * M; bm++) {
                 a[j] = in2_p[kk[j]];
                 gx[j] = 0; gy[j] = 0;
             }
-            for (int c = 0; c < C; c++) {
-                for (int j = 0; j < nk; j++) go[j] = in4_p[dd[j] + c] * a[j];
-                for (int k = 0; k < 4; k++)
-                    for (int j = 0; j < nk; j++)
-                        if (sp[j].ok[k]) dv[sp[j].off[k] * ld + c] += go[j] * sp[j].wt[k];
-                for (int j = 0; j < nk; j++) {
-                    sp[j].corners(v, ld, c, cv);
-                    gx[j] = std::fma(std::fma(cv[3] - cv[2], sp[j].n, (cv[1] - cv[0]) * sp[j].s), go[j], gx[j]);
-                    gy[j] = std::fma(std::fma(cv[3] - cv[1], sp[j].w, (cv[2] - cv[0]) * sp[j].e), go[j], gy[j]);
-                    prod[(size_t)j * C + c] = in4_p[dd[j] + c] * MsdaSample<T>::interp(cv, sp[j].wt);
+            for (int j = 0; j < nk; j++)
+                for (int c = 0; c < C; c++) go[(size_t)j * C + c] = in4_p[dd[j] + c] * a[j];
+            // per d value element the adds come in torch's order: corner-major, then point
+            for (int k = 0; k < 4; k++)
+                for (int j = 0; j < nk; j++)
+                    if (sp[j].ok[k]) {
+                        T* d = dv + sp[j].off[k] * ld;
+                        const T* g = go.data() + (size_t)j * C;
+                        for (int c = 0; c < C; c++) d[c] += g[c] * sp[j].wt[k];
+                    }
+            for (int j = 0; j < nk; j++) {
+                sp[j].rows(v, ld, zero.data(), r);
+                const T* g = go.data() + (size_t)j * C;
+                for (int c = 0; c < C; c++) {
+                    gx[j] = std::fma(std::fma(r[3][c] - r[2][c], sp[j].n, (r[1][c] - r[0][c]) * sp[j].s), g[c], gx[j]);
+                    gy[j] = std::fma(std::fma(r[3][c] - r[1][c], sp[j].w, (r[2][c] - r[0][c]) * sp[j].e), g[c], gy[j]);
+                    prod[(size_t)j * C + c] = in4_p[dd[j] + c] * sp[j].interp(r, c);
                 }
             }
             for (int j = 0; j < nk; j++) {
