@@ -205,6 +205,31 @@ def test_multihead_attention_bool_mask():
     close(dw, r["dw_in"], atol=5e-6)
 
 
+def _gemm_calls(m, q, g):
+    """oneDNN GEMM calls (``mkl_matmul``) of one attention forward + backward."""
+    with jt.profile_scope() as report:
+        y, _ = m(q, q, q)
+        jt.sync(jt.grad((y * g).sum(), [q, m.in_proj_weight, m.out_proj.weight]))
+        jt.sync_all(True)
+    return sum(int(row[2]) for row in report[1:] if row[0].startswith("mkl_matmul"))
+
+
+def test_multihead_attention_matmuls_are_gemms(monkeypatch):
+    """float32 on CPU: Jittor rewrites only 2-D matmuls into a GEMM, so the attention runs
+    per (batch, head): its 2 forward and 4 backward matmuls per (batch, head) all become
+    ``mkl_matmul`` (the 4-D form had none: broadcast-multiply-reduce)."""
+    rng = np.random.default_rng(0)
+    b, length, e, h = 2, 7, 8, 2
+    m = fw.MultiheadAttention(e, h)
+    for var in (m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias):
+        fw.assign(var, rng.normal(0, 0.5, var.shape), "float32")
+    q, g = v(rng.normal(0, 1, (b, length, e)), "float32"), v(rng.normal(0, 1, (b, length, e)), "float32")
+    per_head = _gemm_calls(m, q, g)
+    monkeypatch.setattr(fw.MultiheadAttention, "_attend_2d", fw.MultiheadAttention._attend_batched)
+    batched = _gemm_calls(m, q, g)
+    assert per_head - batched == 6 * b * h
+
+
 def test_elementwise_losses_reduction_none():
     r = ref("losses")
     x = v(r["x"])

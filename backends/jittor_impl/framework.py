@@ -374,7 +374,12 @@ class MultiheadAttention(nn.Module):
     """torch nn.MultiheadAttention(embed_dim, num_heads, dropout, batch_first=True) with
     need_weights=False (jittor.nn has none; jittor.attention's skips dropout when weights
     are returned).  Keys in_proj_weight [3E, E], in_proj_bias [3E], out_proj.{weight,bias}.
-    attn_mask: bool [L, S] (True = blocked) or additive float."""
+    attn_mask: bool [L, S] (True = blocked) or additive float.
+
+    On CPU Jittor turns only 2-D float32 matmuls into a oneDNN GEMM; a 4-D ``jt.matmul``
+    runs as broadcast-multiply-reduce (2.3x slower on the smoke decoder).  So float32 on
+    CPU attends one (batch, head) at a time with 2-D matmuls; float64 (no CPU GEMM: the
+    same reduction either way) and CUDA (batched matmul is cuBLAS) keep the 4-D form."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, batch_first: bool = True):
         assert batch_first, "only batch_first=True is used by RT-DETR"
@@ -385,16 +390,8 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = dropout
 
-    def execute(self, query, key, value, attn_mask=None, need_weights=False):
-        # query [B, L, E], key/value [B, S, E] -> ([B, L, E], None)
-        b, l, e = query.shape
-        s = key.shape[1]
-        h, d = self.num_heads, self.head_dim
-        w, bias = self.in_proj_weight, self.in_proj_bias
-        q = nn.linear(query, w[:e], bias[:e]).reshape(b, l, h, d).permute(0, 2, 1, 3)
-        k = nn.linear(key, w[e:2 * e], bias[e:2 * e]).reshape(b, s, h, d).permute(0, 2, 1, 3)
-        v = nn.linear(value, w[2 * e:], bias[2 * e:]).reshape(b, s, h, d).permute(0, 2, 1, 3)
-        att = jt.matmul(q, k.permute(0, 1, 3, 2)) * scalar(1.0 / float(np.sqrt(d)), q)   # [B, H, L, S]
+    def _probs(self, att, attn_mask):
+        """scaled scores [..., L, S] -> attention probabilities (mask, softmax, dropout)."""
         if attn_mask is not None:
             if attn_mask.dtype == jt.bool:
                 att = jt.where(attn_mask, full_like(att, float("-inf")), att)
@@ -403,7 +400,41 @@ class MultiheadAttention(nn.Module):
         att = softmax(att, dim=-1)
         if self.dropout > 0 and self.is_training():       # jittor.nn.dropout defaults to eval
             att = nn.dropout(att, self.dropout, is_train=True)
-        out = jt.matmul(att, v).permute(0, 2, 1, 3).reshape(b, l, e)
+        return att
+
+    def _attend_batched(self, q, k, v, attn_mask):
+        # q [B, L, E], k/v [B, S, E] -> [B, L, E] via [B, H, L, S] scores
+        b, l, e = q.shape
+        s, h, d = k.shape[1], self.num_heads, self.head_dim
+        q = q.reshape(b, l, h, d).permute(0, 2, 1, 3)
+        k = k.reshape(b, s, h, d).permute(0, 2, 1, 3)
+        v = v.reshape(b, s, h, d).permute(0, 2, 1, 3)
+        att = jt.matmul(q, k.permute(0, 1, 3, 2)) * scalar(1.0 / float(np.sqrt(d)), q)   # [B, H, L, S]
+        return jt.matmul(self._probs(att, attn_mask), v).permute(0, 2, 1, 3).reshape(b, l, e)
+
+    def _attend_2d(self, q, k, v, attn_mask):
+        # same as _attend_batched, every matmul 2-D: [L, d] x [S, d]^T and [L, S] x [S, d]
+        d, scale = self.head_dim, scalar(1.0 / float(np.sqrt(self.head_dim)), q)
+        rows = []
+        for i in range(q.shape[0]):
+            qi, ki, vi = q[i], k[i], v[i]                                 # [L, E], [S, E]
+            heads = []
+            for j in range(self.num_heads):
+                cols = slice(j * d, (j + 1) * d)
+                att = nn.matmul_transpose(qi[:, cols], ki[:, cols]) * scale  # [L, S]
+                heads.append(jt.matmul(self._probs(att, attn_mask), vi[:, cols]))
+            rows.append(jt.concat(heads, dim=1))                          # [L, E]
+        return jt.stack(rows)
+
+    def execute(self, query, key, value, attn_mask=None, need_weights=False):
+        # query [B, L, E], key/value [B, S, E] -> ([B, L, E], None)
+        e = self.embed_dim
+        w, bias = self.in_proj_weight, self.in_proj_bias
+        q = nn.linear(query, w[:e], bias[:e])
+        k = nn.linear(key, w[e:2 * e], bias[e:2 * e])
+        v = nn.linear(value, w[2 * e:], bias[2 * e:])
+        gemm_2d = q.dtype == jt.float32 and not jt.flags.use_cuda
+        out = (self._attend_2d if gemm_2d else self._attend_batched)(q, k, v, attn_mask)
         return self.out_proj(out), None
 
 
