@@ -14,7 +14,7 @@ from parity import run_compare as RC
 from parity import runner as R
 from parity.case import Case, CaseError, build_case
 from parity.faults import FaultError, apply_config_faults, apply_weight_faults, parse_fault
-from parity.fileio import write_npz
+from parity.fileio import read_npz_meta, write_npz
 from parity.thresholds import load_thresholds
 from parity.worker import flatten, normalize_matches, read_decisions, write_decisions
 from rtdetr_core.config import load_config
@@ -189,6 +189,58 @@ def test_compare_results_missing_intermediate(tmp_path):
     res = RC.compare_results("forward", "float64", b, c, None, th, cand_shared={})
     bad = [e for e in res["entries"] if not e["passed"]]
     assert [e["name"] for e in bad] == ["encoder.fpn_blocks.0"] and "missing on the jittor side" in bad[0]["reason"]
+
+
+def test_compare_results_name_only_on_candidate_side_fails(tmp_path):
+    """Hole: the base side decided what was compared; a name only Jittor records was ignored."""
+    th = load_thresholds()
+    b, c = str(tmp_path / "T64.npz"), str(tmp_path / "J64.npz")
+    _fake(b, "torch", "float64")
+    _fake(c, "jittor", "float64")
+    with np.load(c) as z:
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        meta = read_npz_meta(z)
+    arrays["int/decoder.extra"] = np.ones(3)
+    arrays["out/aux_extra"] = np.ones(3)
+    meta["order"]["intermediates"] = meta["order"]["intermediates"] + ["decoder.extra"]
+    meta["order"]["outputs"] = meta["order"]["outputs"] + ["aux_extra"]
+    write_npz(c, arrays, meta)
+    res = RC.compare_results("forward", "float64", b, c, None, th, cand_shared={})
+    bad = {e["name"]: e for e in res["entries"] if not e["passed"]}
+    assert set(bad) == {"decoder.extra", "outputs.aux_extra"}
+    assert all("only on the jittor side" in e["reason"] for e in bad.values())
+
+
+def test_shared_decisions_still_judge_the_candidates_own(tmp_path):
+    """Hole: with --share-decisions Jittor's own top-k was never computed, so a bug in its
+    selection was invisible.  Now its own choice (note/topk_own) is judged against the base's
+    with the exact scores: a far-off own selection fails although the shared one was used."""
+    th = load_thresholds()
+    b, c, r = (str(tmp_path / f"{x}.npz") for x in ("T32", "J32", "T64"))
+    for path, be, seed in ((b, "torch", 1), (c, "jittor", 2), (r, "torch", 0)):
+        _fake(path, be, "float64", noise=1e-7 if seed else 0.0, seed=seed)
+    scores = np.random.default_rng(5).standard_normal((2, 40))
+    top = np.argsort(-scores, 1)[:, :6]
+    for path, own in ((b, None), (c, top[:, ::-1].copy()), (r, None)):
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+            meta = read_npz_meta(z)
+        arrays["int/decoder.enc_topk_index"] = top
+        arrays["note/topk_scores"] = scores + (1e-7 if path == b else 0.0)
+        if own is not None:
+            arrays["note/topk_own"] = own          # the candidate's own choice: the order reversed
+        write_npz(path, arrays, meta)
+    res = RC.compare_results("forward", "float32", b, c, r, th, cand_shared={"topk": True})
+    e = next(e for e in res["entries"] if e["name"] == "decoder.enc_topk_index")
+    assert e["shared"] and not e["passed"] and e["classification"]["kind"] == "flip"
+    with np.load(c) as z:                          # its own choice agrees: passes as exact
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        meta = read_npz_meta(z)
+    arrays["note/topk_own"] = top
+    write_npz(c, arrays, meta)
+    res = RC.compare_results("forward", "float32", b, c, r, th, cand_shared={"topk": True})
+    e = next(e for e in res["entries"] if e["name"] == "decoder.enc_topk_index")
+    assert e["passed"] and e["rule"] == "exact"
 
 
 def test_grad_order_is_backward():
