@@ -163,6 +163,17 @@ def test_injected_fault_in_grad_stage(root, dtype):
     assert res["groups"]["grads"]["failed"] > 0
 
 
+def test_buffer_only_fault_fails_the_forward_stage(root):
+    """Hole: the forward stage's train-mode pass never compared BatchNorm buffers, so a wrong
+    momentum (it changes nothing but the running statistics) passed.  It now fails there."""
+    rc, out, err, res = parity_run(root, "fault-bn", "--inject-fault", "bn-momentum:0.2", dtype="float64")
+    assert rc == 1, _explain(rc, out, err, res)
+    fd = res["first_divergence"]
+    assert fd["group"] == "train_buffers" and fd["name"].endswith("running_mean"), fd
+    assert res["groups"]["train_intermediates"]["failed"] == 0          # only the buffers differ
+    assert res["groups"]["train_buffers"]["failed"] > 0
+
+
 # --- usage and environment errors: exit 2, clear message, no passing result --------------------------
 
 def _no_pass(res):
