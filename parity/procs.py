@@ -55,7 +55,7 @@ def find_python(backend: str, override: Optional[str] = None) -> str:
     = ``--<backend>-python``, else ``$RTDETR_PARITY_<BACKEND>_PYTHON``, else
     ``<repo>/.venvs/<backend>/bin/python``).  Missing -> :class:`parity.cli.UsageError`."""
     from .cli import UsageError
-    from .runner import RunError, resolve_python
+    from .run_jobs import RunError, resolve_python
     try:
         path = resolve_python(backend, override)
     except RunError as e:
@@ -68,7 +68,7 @@ def find_python(backend: str, override: Optional[str] = None) -> str:
 
 def default_out(kind: str, config_name: str) -> str:
     """``reports/runs/<time>-<kind>-<config>`` (``parity.runner.default_out``)."""
-    from .runner import default_out as _d
+    from .run_jobs import default_out as _d
     return _d(kind, config_name)
 
 

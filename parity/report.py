@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         elif len(dirs) == 1:
             out = os.path.join(os.path.abspath(dirs[0]), "report")
         else:
-            from .runner import default_out
+            from .run_jobs import default_out
             out = default_out("report", "runs")
         doc = render(dirs, out, args.title)
     except ReportError as e:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .fileio import read_npz_meta, sha256_file, write_json, write_npz
-from .runner import RunError
+from .run_jobs import RunError
 
 TRAIN_SCHEMA = 1
 CASE_FILES_FIXED = ("config.json", "config.yaml", "weights.safetensors", "data.npz")

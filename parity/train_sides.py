@@ -11,7 +11,7 @@ import time
 from typing import Any, Dict, Optional, Sequence
 
 from .fileio import read_json
-from .runner import RunError, _pump, _tail, _worker_env
+from .run_jobs import RunError, _pump, _tail, _worker_env
 
 
 class Side:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .fileio import read_json, read_npz_meta, write_json, write_text
-from .runner import RunError
+from .run_jobs import RunError
 from .train_case import TRAIN_SCHEMA, build_train_case, write_streams
 from .train_sides import Side, check_side, kill_side, start_side, wait_sides
 
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from . import curves
     from .case import git_describe, runner_versions
     from .detmatch import load_section
-    from .runner import Job, Progress, preflight, resolve_python
+    from .run_jobs import Job, Progress, preflight, resolve_python
     from .thresholds import ThresholdError
 
     t_start = time.perf_counter()
@@ -544,7 +544,7 @@ def command_of(args: argparse.Namespace, plan: Dict[str, Any], out: str, resumed
 
 
 def _default_out(config_name: str) -> str:
-    from .runner import default_out
+    from .run_jobs import default_out
     return default_out("train", config_name)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from parity import run_compare as RC
 from parity import runner as R
-from parity.case import Case, CaseError, build_case
+from parity.case import Case, CaseError, build_case, repo_root
 from parity.faults import FaultError, apply_config_faults, apply_weight_faults, parse_fault
 from parity.fileio import read_npz_meta, write_npz
 from parity.thresholds import load_thresholds
@@ -287,7 +287,7 @@ def test_stale_passing_result_is_removed_on_error(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "result.json").write_text(json.dumps({"status": "pass", "passed": True}))
-    torch_py = os.environ.get("RTDETR_PARITY_TORCH_PYTHON") or os.path.join(R.repo_root(), ".venvs", "torch", "bin", "python")
+    torch_py = os.environ.get("RTDETR_PARITY_TORCH_PYTHON") or os.path.join(repo_root(), ".venvs", "torch", "bin", "python")
     if not os.path.exists(torch_py):
         pytest.skip("needs an interpreter path that exists for the torch side")
     # the interpreter exists but is not a Python: the pre-flight fails -> exit 2, error result
@@ -315,7 +315,8 @@ def test_stale_result_removed_even_on_early_error(tmp_path, capsys):
 def test_float64_run_skipped_only_over_budget():
     """--dtype both: the Jittor float64 run is skipped (verdict float32-only, provisional) only
     when its estimate from the PyTorch float64 run exceeds --float64-budget; 0 never skips."""
-    from parity.runner import J64_OVER_T64, Job, _float64_too_long
+    from parity.run_jobs import Job
+    from parity.runner import J64_OVER_T64, _float64_too_long
     t64 = Job("T64", "ref", "torch", "python", "float64", "grad", "x.npz")
     t64.wall = 100.0
     assert _float64_too_long(t64, 100.0 * J64_OVER_T64 + 1) is None
