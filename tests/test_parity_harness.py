@@ -147,6 +147,15 @@ def _fake(path, backend, dtype, *, broken_from=None, noise=0.0, topk_flip=False,
     write_npz(path, arrays, meta)
 
 
+def _edit(path, update):
+    """Rewrite a worker result file: ``update(arrays, meta)`` changes both in place."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        meta = read_npz_meta(z)
+    update(arrays, meta)
+    write_npz(path, arrays, meta)
+
+
 def test_compare_results_names_first_divergence(tmp_path):
     th = load_thresholds()
     b, c = str(tmp_path / "T64.npz"), str(tmp_path / "J64.npz")
@@ -197,14 +206,12 @@ def test_compare_results_name_only_on_candidate_side_fails(tmp_path):
     b, c = str(tmp_path / "T64.npz"), str(tmp_path / "J64.npz")
     _fake(b, "torch", "float64")
     _fake(c, "jittor", "float64")
-    with np.load(c) as z:
-        arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        meta = read_npz_meta(z)
-    arrays["int/decoder.extra"] = np.ones(3)
-    arrays["out/aux_extra"] = np.ones(3)
-    meta["order"]["intermediates"] = meta["order"]["intermediates"] + ["decoder.extra"]
-    meta["order"]["outputs"] = meta["order"]["outputs"] + ["aux_extra"]
-    write_npz(c, arrays, meta)
+    def extra(arrays, meta):
+        arrays["int/decoder.extra"] = np.ones(3)
+        arrays["out/aux_extra"] = np.ones(3)
+        meta["order"]["intermediates"] = meta["order"]["intermediates"] + ["decoder.extra"]
+        meta["order"]["outputs"] = meta["order"]["outputs"] + ["aux_extra"]
+    _edit(c, extra)
     res = RC.compare_results("forward", "float64", b, c, None, th, cand_shared={})
     bad = {e["name"]: e for e in res["entries"] if not e["passed"]}
     assert set(bad) == {"decoder.extra", "outputs.aux_extra"}
@@ -222,22 +229,16 @@ def test_shared_decisions_still_judge_the_candidates_own(tmp_path):
     scores = np.random.default_rng(5).standard_normal((2, 40))
     top = np.argsort(-scores, 1)[:, :6]
     for path, own in ((b, None), (c, top[:, ::-1].copy()), (r, None)):
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files if k != "__meta__"}
-            meta = read_npz_meta(z)
-        arrays["int/decoder.enc_topk_index"] = top
-        arrays["note/topk_scores"] = scores + (1e-7 if path == b else 0.0)
-        if own is not None:
-            arrays["note/topk_own"] = own          # the candidate's own choice: the order reversed
-        write_npz(path, arrays, meta)
+        def notes(arrays, meta, path=path, own=own):
+            arrays["int/decoder.enc_topk_index"] = top
+            arrays["note/topk_scores"] = scores + (1e-7 if path == b else 0.0)
+            if own is not None:
+                arrays["note/topk_own"] = own      # the candidate's own choice: the order reversed
+        _edit(path, notes)
     res = RC.compare_results("forward", "float32", b, c, r, th, cand_shared={"topk": True})
     e = next(e for e in res["entries"] if e["name"] == "decoder.enc_topk_index")
     assert e["shared"] and not e["passed"] and e["classification"]["kind"] == "flip"
-    with np.load(c) as z:                          # its own choice agrees: passes as exact
-        arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        meta = read_npz_meta(z)
-    arrays["note/topk_own"] = top
-    write_npz(c, arrays, meta)
+    _edit(c, lambda arrays, meta: arrays.update({"note/topk_own": top}))     # its own choice agrees
     res = RC.compare_results("forward", "float32", b, c, r, th, cand_shared={"topk": True})
     e = next(e for e in res["entries"] if e["name"] == "decoder.enc_topk_index")
     assert e["passed"] and e["rule"] == "exact"
