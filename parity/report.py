@@ -295,6 +295,22 @@ def render(run_dirs: Sequence[str], out: str, title: Optional[str] = None) -> Di
             images = {k[len(prefix):]: k for k in pngs}
             md.append(train_markdown(res, d, images, heading))
             entry.update(train_numbers(res))
+        elif r["kind"] in ("forward", "grad") and "runs" in res:
+            # --dtype both: the verdict, then the float64 and the float32 comparison in full
+            md += [f"{heading} {str(res.get('stage')).capitalize()} parity — {res.get('config')} — float64 + "
+                   f"float32: **{str(res.get('status')).upper()}**", "",
+                   f"Verdict rests on: {res.get('verdict_basis')}.", ""]
+            md += [f"- float32 `{x['name']}` reported, not failed: {x['evidence']}" for x in res.get("explained") or []]
+            entry.update(status=res.get("status"), passed=res.get("passed"), verdict_basis=res.get("verdict_basis"),
+                         explained=res.get("explained"), runs={})
+            for dt in ("float64", "float32"):
+                sub = {**res, **res["runs"][dt]}
+                sub.pop("runs", None)
+                p2 = f"{prefix}{dt}_"
+                sub_png = stage_plots(sub, d, p2)
+                pngs.update(sub_png)
+                md.append(stage_markdown(sub, d, {k[len(p2):]: k for k in sub_png}, heading + "#"))
+                entry["runs"][dt] = stage_numbers(sub, d)
         elif r["kind"] in ("forward", "grad"):
             pngs = stage_plots(res, d, prefix) if res.get("status") != "error" else {}
             images = {k[len(prefix):]: k for k in pngs}
