@@ -25,8 +25,10 @@ def kink_evidence(e: Dict[str, Any]) -> str:
     """Why a failing float32 tensor is explained by discrete float32 events, or ''."""
     conc = e.get("concentration")
     if conc and conc.get("few"):
+        what = ("an AdamW update of gradient elements within float32 rounding of 0 (g/(|g|+eps) flips)"
+                if e.get("group") == "step" else "a float32 kink flip")
         return (f"{100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
-                f"(row {conc['row']} the largest): a float32 kink flip")
+                f"(row {conc['row']} the largest): {what}")
     if e.get("cap_only"):
         return f"within {e['ratio']:.3g}x the float32 floor {e['floor']:.2g} but above the cap: float32 too noisy here"
     return ""
