@@ -145,6 +145,14 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
     if "mismatch" in cb:
         e.update(passed=False, rule=None, reason=cb["mismatch"])
         return e
+    if ref is not None and "mismatch" not in errors["cand_ref"] and "mismatch" not in errors["base_ref"]:
+        # the direction check of the floor rule: J32's angle to the exact answer is within
+        # cos_ref, or at most k x T32's own angle (1 - cos ~ angle^2 / 2): a tensor whose
+        # floor is large (an AdamW update of near-zero gradients) cannot point better
+        c_cr, c_br = errors["cand_ref"]["cos"], errors["base_ref"]["cos"]
+        e["cos_ok"] = bool(th.cos_ref is None or c_cr >= th.cos_ref
+                           or (th.k is not None and 1.0 - c_cr <= th.k ** 2 * (1.0 - c_br)))
+        e["within_cap"] = bool(th.cap is None or e["err_ref"] <= th.cap)
     exact = np.asarray(ref if ref is not None else base)
     exact_max = float(np.max(np.abs(exact[np.isfinite(exact)]))) if exact.size else 0.0
     rule = None
@@ -165,11 +173,9 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
           and "mismatch" not in errors["cand_ref"]
           and e["err_ref"] <= th.k * e["floor"] + th.allowance):
         floor_within = True
-        cap_ok = th.cap is None or e["err_ref"] <= th.cap
-        cos_ok = th.cos_ref is None or errors["cand_ref"]["cos"] >= th.cos_ref
-        if cap_ok and cos_ok:
+        if e["within_cap"] and e["cos_ok"]:
             rule = "floor"
-        elif cos_ok:
+        elif e["cos_ok"]:
             e["cap_only"] = True
     e["passed"] = rule is not None
     e["rule"] = rule
