@@ -135,6 +135,8 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         for n in mb.get("order", {}).get("step", []):
             one(f"step/{n}", f"step.{n}", "step", module=C.module_of(n),
                 prior=None if before is None else before.get(n))
+            if not entries[-1]["passed"] and zr is not None and before is not None and n in before:
+                _near_zero_gradient(entries[-1], n, zb, zc, zr, before[n])
         extras("step", "step", lambda n: f"step.{n}", C.module_of)
     zb.close()
     zc.close()
@@ -196,6 +198,29 @@ def _judge_matches(call, cl, bl, zb, zr, thresholds, dtype, shared):
     elif sum(sizes) == 0:
         cls = D.classify_matches(cl, bl, None, None, sizes, k=thresholds.tie_k, noise_rel=nrel)
     return C.judge_matches(f"matches.{call}", cl, bl, cls, shared=shared)
+
+
+ADAM_EPS = 1e-8     # the official AdamW eps: an element with |g| near it steps by a fraction of lr
+
+
+def _near_zero_gradient(e, n, zb, zc, zr, before) -> None:
+    """Evidence for a failing float32 step tensor: the share of its update error (candidate vs
+    the float64 reference) held by elements whose gradient lies within float32's own noise
+    of zero, i.e. where |g32 - g64| >= 0.1 (|g64| + eps) on either side -- there AdamW's
+    g/(|g|+eps) is decided by rounding.  A wrong learning rate, bias correction or weight
+    decay moves every element instead."""
+    key = f"grad/{n}"
+    if key not in zr.files or key not in zb.files or key not in zc.files:
+        return
+    g64 = zr[key].astype(np.float64)
+    noise = np.maximum(np.abs(zb[key] - g64), np.abs(zc[key] - g64))
+    sensitive = noise >= 0.1 * (np.abs(g64) + ADAM_EPS)
+    b0 = np.asarray(before, dtype=np.float64)
+    d2 = ((zc[f"step/{n}"].astype(np.float64) - b0) - (zr[f"step/{n}"].astype(np.float64) - b0)) ** 2
+    tot = float(d2.sum())
+    if tot > 0 and sensitive.shape == d2.shape:
+        e["near_zero_grad"] = {"share": float(d2[sensitive].sum()) / tot, "elements": int(sensitive.sum()),
+                               "n": int(sensitive.size)}
 
 
 def decisions_agree(base_path: str, cand_path: str) -> bool:

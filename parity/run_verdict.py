@@ -15,6 +15,8 @@ arbiter, float32 is judged against its own noise floor.
     a handful of values (batch 1, a 3x5 map) amplifies float32 rounding through the backward
     pass -- measured on smoke at batch 1: ratios 8..52 on backbone/encoder gradients while
     float64 agrees to 1e-13.  Float32 cannot tell more here; float64 decides.
+  - ``adamw`` (step): >= 90 % of the update error in elements whose gradient is within
+    float32 noise of zero, where AdamW's first update g/(|g|+eps) is decided by rounding;
   - ``noisy``: within k x its floor but above the cap: the floor itself is that large (the
     first AdamW update of a gradient within rounding of 0 is O(lr) either way).
   A float32 excess beyond k x floor AND beyond the cap (or pointing elsewhere) fails whatever
@@ -36,6 +38,10 @@ def kink_evidence(e: Dict[str, Any]) -> str:
     """Why a failing float32 grads/step tensor may be reported rather than failed, or ''
     (see the module docstring)."""
     th = e.get("threshold") or {}
+    nz = e.get("near_zero_grad")
+    if nz and nz["share"] >= 0.9:
+        return (f"adamw: {100 * nz['share']:.0f}% of the update error in the {nz['elements']} of {nz['n']} elements "
+                f"whose gradient is within float32 noise of 0 (AdamW's g/(|g|+eps) decided by rounding)")
     if e.get("cap_only"):
         return (f"noisy: {e['ratio']:.3g}x the float32 floor {e['floor']:.2g} (within k) but above the cap "
                 f"{th.get('cap')}: float32 cannot judge this tensor, float64 decides")
@@ -43,7 +49,7 @@ def kink_evidence(e: Dict[str, Any]) -> str:
         return ""
     conc = e.get("concentration")
     if conc and conc.get("few"):
-        what = ("an AdamW update of gradient elements within float32 rounding of 0 (g/(|g|+eps) flips)"
+        what = ("the update of a few units differs (a kink flip in their gradient)"
                 if e.get("group") == "step" else "a float32 kink flip")
         return (f"kink: {100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
                 f"(row {conc['row']} the largest): {what}")
