@@ -11,8 +11,8 @@ the forward stage catches is in the train-mode forward of the grad stage too; th
 stage would name the same place).  Bugs tagged ``nonsquare`` are run on the square smoke
 input (forward: the code is mathematically identical there, so that run shows the blind
 spot) and on a 96x160 config; ``train`` bugs also get a short ``--stage train`` run;
-``detect`` bugs (post-processing, not part of forward/grad) get ``parity detect --input``
-with --conf 0 (every top-K detection compared).  A baseline on the clean copy runs first.
+``detect`` bugs (post-processing, not part of forward/grad) get ``parity detect --input
+--dtype float64`` with --conf 0 (every top-K detection compared).  A baseline on the clean copy runs first.
 
 Output: a table on the terminal, ``<out>/selftest.md`` and ``<out>/selftest.json``
 (rewritten after every bug, so an interrupted run keeps what it measured), each run's own
@@ -95,9 +95,12 @@ def _plan(bug: Bug, fast: bool, inputs: Dict[str, str], nonsquare_cfg: str) -> L
     groups: List[List[Run]] = []
     if "detect" in bug.tags:
         shapes = ["128x128"] + (["96x160"] if "nonsquare" in bug.tags else [])
+        # float64 only: in float32 ``parity detect`` compares raw outputs row by row, so a top-k
+        # near-tie that reorders two queries fails the clean code (measured on the 128x128
+        # input: pred_boxes rel L2 0.079, all in one image's rows, detections 100 % agreeing)
         for shape in shapes:
             groups.append([Run("detect", shape, ["detect", "--config", "smoke", "--input", inputs[shape], "--conf", "0",
-                                                 "--dtype", dt], "") for dt in (("float64",) if fast else ("float64", "float32"))])
+                                                 "--dtype", "float64"], "")])
         return groups
     dtype = ["--dtype", "float64"] if fast else []
     stages = bug.stages[:1] if fast else bug.stages
@@ -238,13 +241,14 @@ def _run(args) -> int:
         if not args.no_baseline:
             _say("  baseline (clean copy)")
             root = copy_repo(os.path.join(tmp, "clean"))
-            # the first run of every geometry (all detect runs); the clean grad stage is
-            # covered by tests/test_parity_e2e.py and costs minutes here
+            # every forward/grad/detect run some bug may get, once, on the clean copy: a
+            # bug counts as caught only where the clean code passes (the train stage's
+            # clean pass is covered by tests/test_parity_train.py and costs minutes here)
             first: Dict[tuple, Run] = {}
             for b in bugs:
                 for grp in _plan(b, args.fast, inputs, nonsquare_cfg):
-                    for r in (grp if grp[0].stage == "detect" else grp[:1]):
-                        if r.stage in ("forward", "detect"):
+                    for r in grp:
+                        if r.stage != "train":
                             first.setdefault(tuple(r.argv), r)
             runs = [[Run(r.stage, r.config, list(r.argv), "")] for r in first.values()]
             done = _run_groups(root, runs, os.path.join(out, "runs", "baseline"), env, False, [])
