@@ -4,7 +4,7 @@ apply exactly once is refused before anything runs.
 Runs from the PyTorch environment (marker ``torch``) and starts the Jittor environment
 itself (conftest.env_python: a missing environment FAILS).  The ``--fast`` subset (2 bugs:
 backbone BN eps, deformable-attention softmax axis; forward stage, float64 only, no baseline)
-takes ~2 minutes on 2 cores with a warm Jittor cache (3 bugs took 3.4 min); the full table is
+takes ~1.3 minutes on 2 cores with a warm Jittor cache (measured 75 s; 3 bugs took 3.4 min); the full table is
 reports/selftest.md.
 """
 from __future__ import annotations
