@@ -1,4 +1,4 @@
-"""``parity`` command line: run, report, spec, detect, bench.
+"""``parity`` command line: run, report, spec, detect, bench, selftest.
 
 User mistakes end with a one-line message on stderr and exit code 2 (never a traceback);
 a failed threshold ends with exit code 1.
@@ -60,7 +60,9 @@ STAGE_MODULES = {"forward": "parity.runner", "grad": "parity.runner",
 # Other sub-commands: module with ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMAND_MODULES = {"report": ("parity.report", "render run folders into report.md/json + plots"),
                    "detect": ("parity.detect", "run both backends on images and draw their detections"),
-                   "bench": ("parity.bench", "speed and memory of both backends side by side")}
+                   "bench": ("parity.bench", "speed and memory of both backends side by side"),
+                   "selftest": ("parity.selftest", "plant porting bugs in the Jittor backend and measure what the "
+                                                   "harness catches")}
 
 
 def _import(modname: str):

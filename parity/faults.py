@@ -17,8 +17,18 @@ only); the backends know nothing about it.  Spec forms:
                           class before the model is built).  Train-mode forward uses batch
                           statistics, so losses and gradients stay identical: only the buffers
                           and the eval-mode outputs can show it (the train stage's buffer check).
+``code:backward-detach``  the encoder's FPN upsampled map is detached (stop_grad) on this side:
+                          the forward pass, losses and decisions are unchanged, only the
+                          gradients upstream of that branch (AIFI, lateral conv, backbone) move
+                          -- the grad stage's ``grads`` group must name it.
+``optim:lr-scale=V``      every AdamW step of this side uses V x each group's learning rate
+                          (the exported lr stays as scheduled): forward, losses and gradients
+                          agree, only the ``step`` group (the update) can show it.
 ``crash:KIND``            ``raise`` (Python exception in the task), ``abort`` (SIGABRT, no
                           error file), ``exit`` (``os._exit(7)``, no error file).
+
+Code-level bugs planted as source patches (porting mistakes, not perturbations) are
+``parity selftest``'s business (parity/selftest_bugs.yaml).
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import numpy as np
 
 WEIGHT_OPS = ("scale", "add", "noise")
 CRASH_KINDS = ("raise", "abort", "exit")
+CODE_KINDS = ("backward-detach",)
 
 
 class FaultError(ValueError):
@@ -39,7 +50,7 @@ class FaultError(ValueError):
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str                  # weight | upsample | config | bn-momentum | crash
+    kind: str                  # weight | upsample | config | bn-momentum | code | optim | crash
     target: str = ""           # weight name/pattern, config key, upsample mode, crash kind
     op: str = ""               # weight op
     value: Any = None          # weight op value / config value
@@ -82,11 +93,25 @@ def parse_fault(spec: str) -> Fault:
         if not 0.0 < val <= 1.0:
             raise FaultError(f"fault '{spec}': momentum must be in (0, 1], got {val:g}")
         return Fault("bn-momentum", value=val, spec=s)
+    if kind == "code":
+        if rest not in CODE_KINDS:
+            raise FaultError(f"fault '{spec}': expected code:{'|'.join(CODE_KINDS)}")
+        return Fault("code", rest, spec=s)
+    if kind == "optim":
+        op, eq, v = rest.partition("=")
+        try:
+            val = float(v) if op == "lr-scale" and eq else None
+        except ValueError:
+            val = None
+        if val is None or not val > 0:
+            raise FaultError(f"fault '{spec}': expected optim:lr-scale=V with a number V > 0")
+        return Fault("optim", op, value=val, spec=s)
     if kind == "crash":
         if rest not in CRASH_KINDS:
             raise FaultError(f"fault '{spec}': expected crash:{'|'.join(CRASH_KINDS)}")
         return Fault("crash", rest, spec=s)
-    raise FaultError(f"fault '{spec}': unknown kind '{kind}' (weight, upsample, config, bn-momentum, crash)")
+    raise FaultError(f"fault '{spec}': unknown kind '{kind}' (weight, upsample, config, bn-momentum, code, optim, "
+                     f"crash)")
 
 
 def parse_faults(specs: Optional[Sequence[str]]) -> List[Fault]:
@@ -150,6 +175,10 @@ def install_runtime_faults(backend: str, faults: Sequence[Fault]) -> List[str]:
     for f in faults:
         if f.kind == "bn-momentum":
             done.append(_patch_bn_momentum(backend, float(f.value)))
+        if f.kind == "code":
+            done.append(_patch_upsample_detach(backend))
+        if f.kind == "optim":
+            done.append(_patch_lr_scale(backend, float(f.value)))
         if f.kind != "upsample":
             continue
         if backend == "jittor":
@@ -194,6 +223,55 @@ def _patch_bn_momentum(backend: str, momentum: float) -> str:
         self.momentum = momentum
     cls.__init__ = patched
     return f"BatchNorm2d running-statistics momentum: 0.1 -> {momentum:g}"
+
+
+def _patch_upsample_detach(backend: str) -> str:
+    """Wrap the backend's FPN upsampling (whatever it is now, e.g. after upsample:bilinear)
+    so that its output is detached: same values, no gradient through that branch."""
+    if backend == "jittor":
+        from backends.jittor_impl import framework as fw
+        up = fw.interpolate_nearest
+
+        def detached(x, size, _up=up):
+            return _up(x, size).detach()
+        fw.interpolate_nearest = detached
+    else:
+        from backends.torch_impl import hybrid_encoder
+        cur = hybrid_encoder.F
+
+        class _Shim:
+            def __getattr__(self, name):
+                return getattr(cur, name)
+
+            @staticmethod
+            def interpolate(*a, **kw):
+                return cur.interpolate(*a, **kw).detach()
+        hybrid_encoder.F = _Shim()
+    return "encoder FPN upsampled map detached (gradients only)"
+
+
+def _patch_lr_scale(backend: str, scale: float) -> str:
+    """Every AdamW step uses scale x each group's lr; the groups' lr is restored after the
+    step, so schedules and the exported optimiser state are untouched."""
+    if backend == "jittor":
+        from backends.jittor_impl import framework as fw
+        cls = fw.AdamW
+    else:
+        import torch
+        cls = torch.optim.AdamW
+    step = cls.step
+
+    def scaled(self, *a, _step=step, **kw):
+        saved = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * scale
+        try:
+            return _step(self, *a, **kw)
+        finally:
+            for g, lr in zip(self.param_groups, saved):
+                g["lr"] = lr
+    cls.step = scaled
+    return f"AdamW step with {scale:g} x the learning rate"
 
 
 def maybe_crash(faults: Sequence[Fault]) -> None:

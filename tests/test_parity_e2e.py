@@ -174,6 +174,28 @@ def test_buffer_only_fault_fails_the_forward_stage(root):
     assert res["groups"]["train_buffers"]["failed"] > 0
 
 
+# Code-level faults that leave the forward pass alone: only the grad stage's gradients (a stop_grad
+# on the FPN's upsampled branch) or only its optimiser step (4 % more learning rate) move, and
+# the first divergence must say which group.  float64: the arbiter, and the cheaper run.
+GRAD_ONLY_FAULTS = {"backward-detach": ("code:backward-detach", "grads"),
+                    "lr-scale": ("optim:lr-scale=1.04", "step")}
+
+
+@pytest.mark.parametrize("fault", list(GRAD_ONLY_FAULTS))
+def test_grad_only_fault_names_its_group(root, fault):
+    spec, group = GRAD_ONLY_FAULTS[fault]
+    rc, out, err, res = parity_run(root, f"fault-{fault}", "--inject-fault", spec, stage="grad", dtype="float64")
+    assert rc == 1, _explain(rc, out, err, res)
+    assert res["first_divergence"]["group"] == group, _explain(rc, out, err, res)
+    g = res["groups"]
+    for upstream in ("intermediates", "outputs", "losses") + (("grads",) if group == "step" else ()):
+        assert g[upstream]["failed"] == 0, (upstream, _explain(rc, out, err, res))
+    assert g[group]["failed"] > 0
+    if fault == "backward-detach":       # cut branch: AIFI and the lateral conv lose a gradient path
+        bad = {m["module"] for m in res["grads_by_module"] if m["failed"]}
+        assert {"encoder.encoder.0", "encoder.lateral_convs.0"} <= bad, bad
+
+
 # --- usage and environment errors: exit 2, clear message, no passing result --------------------------
 
 def _no_pass(res):

@@ -33,6 +33,16 @@ def test_parse_faults():
             parse_fault(bad)
 
 
+def test_parse_code_and_optimiser_faults():
+    f = parse_fault("code:backward-detach")
+    assert (f.kind, f.target) == ("code", "backward-detach")
+    f = parse_fault("optim:lr-scale=1.04")
+    assert (f.kind, f.target, f.value) == ("optim", "lr-scale", 1.04)
+    for bad in ("code:forward-detach", "optim:lr-scale", "optim:lr-scale=0", "optim:lr-scale=x", "optim:beta=2"):
+        with pytest.raises(FaultError):
+            parse_fault(bad)
+
+
 def test_apply_faults():
     w = OrderedDict(a=np.ones(4, np.float32), b=np.ones(3, np.float32), n=np.zeros((), np.int64))
     done = apply_weight_faults(w, [parse_fault("weight:a:scale=2")])
