@@ -109,7 +109,15 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         extras("train/buffers", "train_buffers", lambda n: f"train.buffer.{n}", lambda n: "train." + C.module_of(n),
                "train")
     if stage == "grad":
-        # 2. decisions: Hungarian matches per loss call
+        # 2. the matching costs (continuous: a wrong cost term may leave every assignment of a
+        #    batch unchanged, so only the costs themselves show it), then the decisions
+        for call in mb.get("order", {}).get("matches", []):
+            key = f"note/match_cost/{call}"
+            if key in fb or key in fc:
+                if key not in fb:
+                    only_cand(f"matcher.cost.{call}", "outputs", "train", "matcher")
+                else:
+                    one(key, f"matcher.cost.{call}", "outputs", module="matcher")
         for call in mb.get("order", {}).get("matches", []):
             bl, cl = _own_matches(zb, call), _own_matches(zc, call)
             if not cl:
