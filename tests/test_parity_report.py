@@ -38,7 +38,7 @@ def rendered(tmp_path_factory):
     r = parity("run", "--stage", "train", "--config", "smoke", "--limit-images", "2", "--limit-val", "2",
                "--batch-size", "2", "--epochs", "2", "--out", train)
     _ok(r)
-    r = parity("run", "--stage", "forward", "--config", "smoke", "--batch-size", "1", "--out", fwd)
+    r = parity("run", "--stage", "forward", "--config", "smoke", "--batch-size", "1", "--dtype", "float32", "--out", fwd)
     _ok(r, (0, 1))                # the verdict is the forward stage's business; the folder is what we render
     r_one = parity("report", train)
     r_two = parity("report", train, fwd, "--out", rep, "--title", "test report")
