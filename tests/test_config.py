@@ -30,7 +30,7 @@ def test_official_values():
 
 def test_harness_presets():
     p = load_config("parity-r50vd")
-    assert (p.decoder.num_queries, p.decoder.num_decoder_layers, p.train.image_size, p.num_classes) == (300, 6, [640, 640], 80)
+    assert (p.decoder.num_queries, p.decoder.num_decoder_layers, p.train.image_size, p.num_classes) == (300, 6, [576, 640], 80)
     assert p.backbone.depth == 50 and p.optimizer.lr == 5e-5 and p.train.batch_size == 1
     s = load_config("smoke")
     assert s.decoder.num_queries == 300 and s.decoder.num_decoder_layers == 6 and s.decoder.num_denoising > 0
