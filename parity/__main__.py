@@ -1,5 +1,6 @@
 import sys
 
-from parity.cli import main
+from parity.cli.parser import main
+
 
 sys.exit(main())

@@ -1,4 +1,6 @@
-"""Atomic file output (temp file in the same folder, fsync, rename) and npz/JSON helpers.
+"""Atomic file output (temp file in the same folder, fsync, rename), npz/JSON helpers, the
+one JSON conversion (``jsonable``) and the run folders (``default_out``, ``prepare_out``,
+``write_error_result``).
 
 Used by the runner and by the workers (both environments: numpy 1.26 and 2.x), so only
 numpy and the standard library here.
@@ -6,13 +8,18 @@ numpy and the standard library here.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
+import math
 import os
 import tempfile
-from typing import Any, BinaryIO, Dict, Iterator, Mapping
+from typing import Any, BinaryIO, Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+
+from parity.errors import EXIT_USAGE, UsageError
+from parity.facts import repo_root
 
 
 @contextlib.contextmanager
@@ -78,3 +85,67 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def jsonable(x: Any) -> Any:
+    """Strict JSON: non-finite floats become the strings 'nan' / 'inf' / '-inf', numpy scalars
+    and arrays Python numbers and lists, tuples lists, keys strings."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+# ----------------------------------------------------------------------------------------
+# run folders
+# ----------------------------------------------------------------------------------------
+
+def default_out(kind: str, config_name: str) -> str:
+    """``<repo>/reports/runs/<time>-<kind>-<config>`` (``-2``, ``-3``, ... when taken)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(repo_root(), "reports", "runs", f"{stamp}-{kind}-{config_name}")
+    out, n = base, 2
+    while os.path.exists(out):
+        out, n = f"{base}-{n}", n + 1
+    return out
+
+
+def prepare_out(out: str, stale: Sequence[str]) -> str:
+    """Create the output folder; remove old result files first (``stale``), so an
+    interrupted rerun never shows an older verdict."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+    for name in stale:
+        m = os.path.join(out, name)
+        if os.path.isfile(m):
+            os.unlink(m)
+    return out
+
+
+def error_result(base: Mapping[str, Any], error: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    """The result of a run that ended in an error: ``"status": "error"``, never a pass."""
+    res = dict(base)
+    res.update(status="error", passed=False, exit_code=EXIT_USAGE, **extra)
+    res["error"] = error
+    return jsonable(res)
+
+
+def write_error_result(out: Optional[str], name: str, message: str, base: Optional[Dict[str, Any]] = None,
+                       side: Optional[str] = None, phase: Optional[str] = None) -> None:
+    """After an error of a serving command: ``<out>/<name>`` says ``"status": "error"``."""
+    if not out or not os.path.isdir(out):
+        return
+    err = {"side": side or "runner", "phase": phase, "message": message.splitlines()[0] if message else ""}
+    try:
+        write_json(os.path.join(out, name), error_result({"schema": 1, **(base or {})}, err))
+    except (OSError, ValueError):
+        pass

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from parity import compare as C
-from parity.thresholds import GroupThreshold, ThresholdError, load_thresholds
+from parity.fileio import jsonable
+from parity.judge import compare as C
+from parity.judge.thresholds import DEFAULT_PATH, GroupThreshold, ThresholdError, load_thresholds
 
 TH = load_thresholds()
 
@@ -204,7 +205,7 @@ def test_by_module_worst_first():
 
 def test_jsonable_strict():
     import json
-    out = C.jsonable({"a": np.float32(1.5), "b": math.inf, "c": [np.int64(3), np.nan], "d": np.bool_(True)})
+    out = jsonable({"a": np.float32(1.5), "b": math.inf, "c": [np.int64(3), np.nan], "d": np.bool_(True)})
     json.dumps(out, allow_nan=False)
     assert out == {"a": 1.5, "b": "inf", "c": [3, "nan"], "d": True}
 
@@ -225,7 +226,7 @@ def test_bundled_thresholds():
 
 def test_threshold_file_errors(tmp_path):
     import yaml
-    with open(os.path.join(os.path.dirname(C.__file__), "thresholds.yaml")) as fh:
+    with open(DEFAULT_PATH) as fh:
         data = yaml.safe_load(fh)
     bad = dict(data)
     bad["grad"] = {**data["grad"], "float32": {**data["grad"]["float32"], "grads": {"rel_l2": 1e-3, "tol": 1}}}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity import compare as C
-from parity import decisions as D
+from parity.judge import compare as C
+from parity.judge import decisions as D
 
 
 def _scores(seed=0, s=50):

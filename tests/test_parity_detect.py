@@ -65,9 +65,9 @@ def detect_run(images, tmp_path_factory):
 
 
 def test_detect_images_both_backends_agree(detect_run, images):
-    from parity.compare import judge_tensor
-    from parity.outputs_match import align_batch
-    from parity.thresholds import load_thresholds
+    from parity.judge.compare import judge_tensor
+    from parity.judge.outputs_match import align_batch
+    from parity.judge.thresholds import load_thresholds
 
     r, out = detect_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -38,7 +38,7 @@ def eval_run(tmp_path_factory):
 
 
 def test_eval_stage_all_metrics_both_backends_within_threshold(eval_run):
-    from parity.detmatch import load_section
+    from parity.judge.detmatch import load_section
 
     r, out = eval_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_perfect_detections_give_ap_1(tmp_path):
     the ground truth itself as detections scores AP 1.0."""
     from rtdetr_core.data import ensure_synthetic_dataset, open_split
 
-    from parity.eval_stage import JsonArrayWriter, coco_results_from, evaluate_file
+    from parity.commands.eval import JsonArrayWriter, coco_results_from, evaluate_file
 
     ds = open_split(ensure_synthetic_dataset(), "val", (128, 128))
     w = JsonArrayWriter(str(tmp_path / "perfect.json"))
@@ -105,7 +105,7 @@ def test_perfect_detections_give_ap_1(tmp_path):
 
 
 def test_result_writer_drops_labels_without_category_and_aborts_cleanly(tmp_path):
-    from parity.eval_stage import JsonArrayWriter, coco_results_from, metric_diffs
+    from parity.commands.eval import JsonArrayWriter, coco_results_from, metric_diffs
 
     dets = {"scores": np.array([[0.9, 0.8, 0.7]]), "labels": np.array([[0, 5, 2]]),
             "boxes": np.array([[[1, 2, 11, 22], [0, 0, 5, 5], [3, 3, 4, 8]]], dtype=np.float64)}
@@ -140,7 +140,7 @@ def test_eval_raw_gate_fails_where_the_ap_cannot(tmp_path):
     run (exit 1) although every AP difference is 0: the gate is live, not decorative."""
     import yaml
 
-    from parity.thresholds import DEFAULT_PATH
+    from parity.judge.thresholds import DEFAULT_PATH
     with open(DEFAULT_PATH) as fh:
         th = yaml.safe_load(fh)
     th["forward"]["float32"]["outputs"] = {"rel_l2": 1.0e-12, "atol": 0.0}

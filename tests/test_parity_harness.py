@@ -10,13 +10,16 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from parity import run_compare as RC
-from parity import runner as R
-from parity.case import Case, CaseError, build_case, repo_root
-from parity.faults import FaultError, apply_config_faults, apply_weight_faults, parse_fault
+from parity.judge import run_compare as RC
+from parity.commands import forward as R
+from parity.case.folder import Case, CaseError, build_case
+from parity.facts import repo_root
+from parity.case.faults import FaultError, parse_fault
+from parity.workers.faults import apply_config_faults, apply_weight_faults
 from parity.fileio import read_npz_meta, write_npz
-from parity.thresholds import load_thresholds
-from parity.worker import flatten, normalize_matches, read_decisions, write_decisions
+from parity.judge.thresholds import load_thresholds
+from parity.workers.forward import flatten, normalize_matches
+from parity.case.contract import read_decisions, write_decisions
 from rtdetr_core.config import load_config
 
 
@@ -326,8 +329,8 @@ def test_stale_result_removed_even_on_early_error(tmp_path, capsys):
 def test_float64_run_skipped_only_over_budget():
     """--dtype both: the Jittor float64 run is skipped (verdict float32-only, provisional) only
     when its estimate from the PyTorch float64 run exceeds --float64-budget; 0 never skips."""
-    from parity.run_jobs import Job
-    from parity.runner import J64_OVER_T64, _float64_too_long
+    from parity.sides.jobs import Job
+    from parity.commands.forward import J64_OVER_T64, _float64_too_long
     t64 = Job("T64", "ref", "torch", "python", "float64", "grad", "x.npz")
     t64.wall = 100.0
     assert _float64_too_long(t64, 100.0 * J64_OVER_T64 + 1) is None

@@ -127,7 +127,7 @@ def test_report_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
 
 def test_report_paths_are_repo_relative_inside_the_repo(tmp_path):
     """A committed report must not carry this machine's absolute paths."""
-    from parity.report import shown_path
+    from parity.report.fmt import shown_path
     assert shown_path(os.path.join(REPO, "reports", "runs", "x")) == os.path.join("reports", "runs", "x")
     assert shown_path(os.path.join(REPO, "parity", "thresholds.yaml")) == os.path.join("parity", "thresholds.yaml")
     outside = str(tmp_path / "run")

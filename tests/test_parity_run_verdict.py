@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity import compare as C
-from parity.run_verdict import combine, explain_float32
-from parity.thresholds import load_thresholds
+from parity.judge import compare as C
+from parity.judge.run_verdict import combine, explain_float32
+from parity.judge.thresholds import load_thresholds
 
 TH = load_thresholds()
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO, env_python
-from parity.selftest_patch import PARTS, PatchError, apply_patch, check_patches, load_bugs
+from parity.commands.selftest_patch import PARTS, PatchError, apply_patch, check_patches, load_bugs
 
 pytestmark = pytest.mark.torch
 

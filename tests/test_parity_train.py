@@ -155,7 +155,7 @@ import json, sys
 from rtdetr_core.config import load_config
 from rtdetr_core.data import ensure_synthetic_dataset, open_split, iterate_batches
 from rtdetr_core.rng import Streams
-from parity.train_worker import batch_digest, read_epoch_streams, epoch_file, load_data
+from parity.workers.train import batch_digest, read_epoch_streams, epoch_file, load_data
 run = sys.argv[1]
 cfg = load_config("smoke"); cfg.train.batch_size = 2
 ds = open_split(ensure_synthetic_dataset(), "train", cfg.train.image_size)
@@ -281,7 +281,7 @@ def _fake_log(totals, per_epoch=2, scale=1.0):
 
 
 def test_curve_metrics_lockstep_and_rules():
-    from parity import curves
+    from parity.judge import curves
     base = _fake_log([10.0, 9.0, 8.0, 7.0, 6.0, 5.0])
     cand = _fake_log([10.0, 9.0, 8.0000001, 7.01, 6.0, 5.0])
     m = curves.curve_metrics(cand, base)
@@ -305,8 +305,8 @@ def test_curve_metrics_lockstep_and_rules():
 
 
 def test_param_drift_and_lr_schedule():
-    from parity import curves
-    from parity.train_worker import lr_factor
+    from parity.judge import curves
+    from parity.workers.train import lr_factor
     w0 = {"a.w": np.zeros(3), "b.w": np.zeros(2)}
     wb = {"a.w": np.array([1.0, 0, 0]), "b.w": np.array([0.0, 1.0])}
     wc = {"a.w": np.array([1.0, 0, 0]), "b.w": np.array([0.0, 1.1])}

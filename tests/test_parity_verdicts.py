@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from parity import curves
-from parity.outputs_match import OutputsGate, align_batch, outputs_rel
-from parity.thresholds import load_thresholds
-from parity.train_sides import Side
-from parity.train_stage import expected_evals, side_checks
-from parity.train_state import buffer_errors, eval_output_errors
+from parity.judge import curves
+from parity.judge.outputs_match import OutputsGate, align_batch, outputs_rel
+from parity.judge.thresholds import load_thresholds
+from parity.sides.train import Side
+from parity.commands.train import expected_evals, side_checks
+from parity.judge.train_state import buffer_errors, eval_output_errors
 
 pytestmark = pytest.mark.torch
 

@@ -16,7 +16,7 @@ from rtdetr_core.config import load_config
 
 
 def _case(tmp_path):
-    from parity.case import Case, build_case
+    from parity.case.folder import Case, build_case
     build_case(str(tmp_path), load_config("smoke"), stage="grad", batch_size=2, seed=3)
     return Case(str(tmp_path))
 

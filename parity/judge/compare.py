@@ -1,0 +1,441 @@
+"""Tensor and decision comparisons, pass rules, first divergence.
+
+Vocabulary: ``cand`` is the side under test (Jittor), ``base`` the side it is compared with
+(PyTorch, same dtype) and ``ref`` the float64 reference of the base side (only in float32
+runs).  Every error is computed in float64 arithmetic with the *second* argument as the
+reference for relative quantities:
+
+* ``max_abs``  max |a - b|
+* ``max_rel``  max |a - b| / max |b|          (the jittor_pitfalls.md convention)
+* ``rel_l2``   ||a - b|| / ||b||               (the error every rule uses)
+* ``cos``      <a, b> / (||a|| ||b||)
+
+In float32 runs three errors are kept per tensor: ``cand_base`` (J32 vs T32), ``base_ref``
+(T32 vs T64: float32's own noise, the *floor*) and ``cand_ref`` (J32 vs T64), and
+``ratio = rel_l2(cand_ref) / rel_l2(base_ref)``.  A tensor passes by the first rule that
+holds (see thresholds.yaml):
+
+* ``exact``  bit-identical;
+* ``fixed``  rel_l2(cand_base) <= rel_l2 threshold (and cos >= cos threshold when given);
+* ``abs``    max_abs(cand_base) <= atol;
+* ``floor``  rel_l2(cand_ref) <= k * rel_l2(base_ref) + allowance (float32 + reference only);
+* ``update`` (parameters after an optimiser step, given ``before``): the update itself agrees,
+  rel_l2(cand - before, base - before) <= update_rel.
+
+Discrete decisions (top-k indices, Hungarian matches, integer outputs) are compared exactly;
+outputs are never re-ordered to hide a flip.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from parity.judge.decisions import describe
+from parity.judge.thresholds import GroupThreshold
+
+
+RULE_ORDER = ("exact", "fixed", "abs", "floor", "update")
+
+
+# ----------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def tensor_errors(a, b) -> Dict[str, Any]:
+    """Errors of ``a`` against the reference ``b`` (see the module docstring).
+
+    Non-finite values must sit at the same positions with the same values on both sides
+    (then they are left out of the metrics and counted in ``nonfinite``); otherwise the
+    result has ``mismatch`` set and every metric is inf."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        return {"mismatch": f"shape {list(a.shape)} vs {list(b.shape)}", "max_abs": math.inf,
+                "max_rel": math.inf, "rel_l2": math.inf, "cos": 0.0, "n": int(b.size)}
+    a64 = a.astype(np.float64, copy=False).ravel()
+    b64 = b.astype(np.float64, copy=False).ravel()
+    out: Dict[str, Any] = {"n": int(b64.size)}
+    fa, fb = np.isfinite(a64), np.isfinite(b64)
+    if not (fa.all() and fb.all()):
+        same_pos = np.array_equal(fa, fb)
+        same_val = same_pos and np.array_equal(a64[~fa], b64[~fb], equal_nan=True)
+        if not same_val:
+            out.update(mismatch=f"non-finite values differ (cand {int((~fa).sum())}, base {int((~fb).sum())})",
+                       max_abs=math.inf, max_rel=math.inf, rel_l2=math.inf, cos=0.0)
+            return out
+        out["nonfinite"] = int((~fa).sum())
+        a64, b64 = a64[fa], b64[fb]
+    if a64.size == 0:
+        out.update(max_abs=0.0, max_rel=0.0, rel_l2=0.0, cos=1.0)
+        return out
+    d = a64 - b64
+    max_abs = float(np.max(np.abs(d)))
+    bmax = float(np.max(np.abs(b64)))
+    nd, na, nb = (float(np.linalg.norm(v)) for v in (d, a64, b64))
+    if na > 0 and nb > 0:
+        cos = float(np.dot(a64, b64) / (na * nb))
+        cos = max(-1.0, min(1.0, cos))
+    else:
+        cos = 1.0 if na == nb else 0.0
+    out.update(max_abs=max_abs, max_rel=_ratio(max_abs, bmax), rel_l2=_ratio(nd, nb), cos=cos)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# tensors
+# ----------------------------------------------------------------------------------------
+
+def _nonfinite(x: np.ndarray) -> Dict[str, int]:
+    return {"nan": int(np.isnan(x).sum()), "inf": int(np.isinf(x).sum())} if x.dtype.kind == "f" else {"nan": 0, "inf": 0}
+
+
+def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[GroupThreshold] = None, *,
+                 module: Optional[str] = None, before=None) -> Dict[str, Any]:
+    """Compare one floating tensor; return its report entry (``passed``, ``rule``, errors).
+
+    ``before`` (the step group): the tensors judged are the UPDATES ``x - before`` of one
+    optimiser step, not the parameters, whose size would hide a wrong learning rate."""
+    if th is None:
+        raise ValueError("judge_tensor needs a threshold")
+    cand = np.asarray(cand)
+    base = np.asarray(base)
+    e: Dict[str, Any] = {"name": name, "group": group, "kind": "tensor", "module": module or name,
+                         "shape": list(base.shape), "threshold": th.to_dict()}
+    # non-finite values: NaN always fails; +-inf must sit where the float64 reference (or, in
+    # a float64 comparison, the base) has the same inf -- e.g. the masked anchors
+    nf = {"cand": _nonfinite(cand), "base": _nonfinite(base)}
+    if ref is not None:
+        nf["ref"] = _nonfinite(np.asarray(ref))
+    if any(v["nan"] or v["inf"] for v in nf.values()):
+        e["nonfinite"] = nf
+        exact = np.asarray(ref if ref is not None else base)
+        bad = [s for s, v in nf.items() if v["nan"]]
+        if not bad:
+            for s, x in (("cand", cand), ("base", base)):
+                if not np.array_equal(np.where(np.isinf(x), x, 0), np.where(np.isinf(exact), exact, 0)):
+                    bad.append(s)
+        if bad:
+            e.update(passed=False, rule=None, err=math.inf, cos=0.0, errors={},
+                     reason="non-finite values (" + ", ".join(f"{s}: {v['nan']} NaN, {v['inf']} inf"
+                                                              for s, v in nf.items()) + ")")
+            return e
+    if before is not None:
+        b0 = np.asarray(before, dtype=np.float64)
+        cand, base = cand.astype(np.float64) - b0, base.astype(np.float64) - b0
+        ref = None if ref is None else np.asarray(ref, dtype=np.float64) - b0
+        e["on"] = "update"
+    errors = {"cand_base": tensor_errors(cand, base)}
+    if ref is not None:
+        errors["base_ref"] = tensor_errors(base, ref)
+        errors["cand_ref"] = tensor_errors(cand, ref)
+    e["errors"] = errors
+    cb = errors["cand_base"]
+    e["err"] = cb["rel_l2"]
+    e["cos"] = cb["cos"]
+    if ref is not None:
+        e["floor"] = errors["base_ref"]["rel_l2"]
+        e["err_ref"] = errors["cand_ref"]["rel_l2"]
+        e["ratio"] = _ratio(e["err_ref"], e["floor"])
+    if "mismatch" in cb:
+        e.update(passed=False, rule=None, reason=cb["mismatch"])
+        return e
+    if ref is not None and "mismatch" not in errors["cand_ref"] and "mismatch" not in errors["base_ref"]:
+        # the direction check of the floor rule: J32's angle to the exact answer is within
+        # cos_ref, or at most k x T32's own angle (1 - cos ~ angle^2 / 2): a tensor whose
+        # floor is large (an AdamW update of near-zero gradients) cannot point better
+        c_cr, c_br = errors["cand_ref"]["cos"], errors["base_ref"]["cos"]
+        e["cos_ok"] = bool(th.cos_ref is None or c_cr >= th.cos_ref
+                           or (th.k is not None and 1.0 - c_cr <= th.k ** 2 * (1.0 - c_br)))
+        e["within_cap"] = bool(th.cap is None or e["err_ref"] <= th.cap)
+    exact = np.asarray(ref if ref is not None else base)
+    exact_max = float(np.max(np.abs(exact[np.isfinite(exact)]))) if exact.size else 0.0
+    rule = None
+    floor_within = False
+    if np.array_equal(cand, base, equal_nan=False) and cand.dtype == base.dtype:
+        rule = "exact"
+    elif cb["rel_l2"] <= th.rel_l2 and (th.cos is None or cb["cos"] >= th.cos):
+        rule = "fixed"
+    elif (th.atol is not None and (th.zero_ref is None or exact_max <= th.zero_ref)
+          and (cb["max_abs"] <= th.atol
+               or (ref is not None and th.k is not None
+                   and errors["cand_ref"]["max_abs"] <= th.k * errors["base_ref"]["max_abs"] + th.atol))):
+        # only for a tensor whose exact value is ~0 (an unreachable parameter, a BN bias
+        # feeding a train-mode BN): the candidate must be ~0 too -- within atol of the base,
+        # or (float32) no further from zero than k x the base's own float32 residue
+        rule = "abs"
+    elif (ref is not None and th.k is not None and "mismatch" not in errors["base_ref"]
+          and "mismatch" not in errors["cand_ref"]
+          and e["err_ref"] <= th.k * e["floor"] + th.allowance):
+        floor_within = True
+        if e["within_cap"] and e["cos_ok"]:
+            rule = "floor"
+        elif e["cos_ok"]:
+            e["cap_only"] = True
+    e["passed"] = rule is not None
+    e["rule"] = rule
+    if rule is None:
+        why = [f"rel_l2 {cb['rel_l2']:.3g} > {th.rel_l2:.3g}" if cb["rel_l2"] > th.rel_l2
+               else f"cos {cb['cos']:.9f} < {th.cos}"]
+        if ref is not None and th.k is not None:
+            if floor_within:
+                why.append(f"within {e['ratio']:.3g}x the float32 floor {e['floor']:.3g}, but err vs float64 "
+                           f"{e['err_ref']:.3g} > cap {th.cap} or cos {errors['cand_ref']['cos']:.6f} < {th.cos_ref}")
+            else:
+                why.append(f"err vs float64 {e['err_ref']:.3g} > {th.k:g} x floor {e['floor']:.3g}"
+                           f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
+        conc = error_concentration(cand, base if ref is None else ref)
+        if conc is not None:
+            e["concentration"] = conc
+            if conc["few"]:
+                why.append(f"{100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
+                           f"(row {conc['row']} the largest; a ReLU/grid_sample kink flip -- or a fault in those "
+                           f"units -- looks like this; the float64 run decides)")
+        e["reason"] = "; ".join(why)
+    return e
+
+
+def error_concentration(cand, ref, min_share: float = 0.9, few_frac: float = 0.25) -> Optional[Dict[str, Any]]:
+    """Where a failing tensor's error sits along its first axis (an output unit of a
+    Linear/Conv weight, one element of a bias): the fewest rows holding ``min_share`` of the
+    squared error (``rows_needed``), the largest row and its share.  ``few`` when at most
+    max(2, few_frac x rows) rows hold it: a float32 kink flip (a ReLU input or a grid_sample
+    location within rounding of its kink, taking the other branch on one side) puts nearly
+    all of a gradient's error in the few units it touches.  A deformable-attention layer has
+    several such locations per pass (measured, smoke b2: 6 and 19 of 96 sampling-offset rows
+    hold 90 %), hence a quarter of the rows; an error spread by a wrong formula needs most
+    rows (~0.7-0.9 of them) to reach 90 %.  Evidence for the reader and for
+    the --dtype both verdict (only where float64 passes), never a pass rule on its own."""
+    c = np.asarray(cand, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if c.shape != r.shape or c.ndim == 0 or c.shape[0] < 2:
+        return None
+    sq = ((c - r) ** 2).reshape(c.shape[0], -1).sum(1)
+    tot = float(sq.sum())
+    if not np.isfinite(tot) or tot <= 0:
+        return None
+    srt = np.sort(sq)[::-1]
+    need = int(np.searchsorted(np.cumsum(srt) / tot, min_share) + 1)
+    i = int(np.argmax(sq))
+    rows = int(c.shape[0])
+    return {"row": i, "share": float(srt[:need].sum()) / tot, "top_share": float(sq[i]) / tot,
+            "rows_needed": need, "rows": rows, "few": need <= max(2, int(few_frac * rows))}
+
+
+def judge_exact(name: str, group: str, cand, base, *, module: Optional[str] = None) -> Dict[str, Any]:
+    """Integer / discrete arrays: must be equal value for value (dtypes may differ)."""
+    cand = np.asarray(cand)
+    base = np.asarray(base)
+    e: Dict[str, Any] = {"name": name, "group": group, "kind": "exact", "module": module or name,
+                         "shape": list(base.shape)}
+    if cand.shape != base.shape:
+        e.update(passed=False, rule=None, reason=f"shape {list(cand.shape)} vs {list(base.shape)}",
+                 agreement=0.0)
+        return e
+    eq = cand == base
+    agree = float(eq.mean()) if eq.size else 1.0
+    e["agreement"] = agree
+    e["passed"] = bool(eq.all())
+    e["rule"] = "exact" if e["passed"] else None
+    if not e["passed"]:
+        e["reason"] = f"{int((~eq).sum())} of {eq.size} values differ"
+    return e
+
+
+# ----------------------------------------------------------------------------------------
+# discrete decisions
+# ----------------------------------------------------------------------------------------
+
+def topk_overlap(cand, base) -> Dict[str, Any]:
+    """Top-k selections [B, Q]: per-position agreement and per-image set overlap."""
+    cand = np.asarray(cand).astype(np.int64)
+    base = np.asarray(base).astype(np.int64)
+    if cand.shape != base.shape:
+        return {"mismatch": f"shape {list(cand.shape)} vs {list(base.shape)}", "positions": 0.0, "set": 0.0}
+    pos = float((cand == base).mean()) if cand.size else 1.0
+    same = total = 0
+    for c, b in zip(cand.reshape(cand.shape[0], -1), base.reshape(base.shape[0], -1)):
+        same += len(set(c.tolist()) & set(b.tolist()))
+        total += len(b)
+    return {"positions": pos, "set": same / total if total else 1.0, "same": same, "total": total}
+
+
+def _decision_verdict(e: Dict[str, Any], cls: Optional[Dict[str, Any]], agree_all: bool, what: str) -> None:
+    """Pass unless the classification (parity/decisions.py) says ``flip``; without one, only
+    identical choices pass.  ``rule`` names the class: exact, order, tie."""
+    kind = cls["kind"] if cls else ("same" if agree_all else "flip")
+    e["classification"] = cls
+    e["passed"] = kind != "flip"
+    e["rule"] = {"same": "exact", "order": "order", "tie": "tie"}.get(kind)
+    if kind != "same":
+        e["flip"] = describe(cls) if cls else "differs (no evidence recorded to classify it)"
+    if not e["passed"]:
+        e["reason"] = f"{what}: {e['flip']}"
+
+
+def judge_topk(name: str, cand, base, cls: Optional[Dict[str, Any]] = None, *, shared: bool = False
+               ) -> Dict[str, Any]:
+    """cand, base: each side's OWN selection [B, Q] (when decisions were shared, the candidate's
+    recorded own choice); cls: their classification (parity/decisions.classify_topk)."""
+    ov = topk_overlap(cand, base)
+    e: Dict[str, Any] = {"name": name, "group": "decisions", "kind": "topk", "module": name,
+                         "shape": list(np.shape(base)), "overlap": ov, "shared": shared,
+                         "agreement": ov["positions"]}
+    if "mismatch" in ov:
+        e.update(passed=False, rule=None, reason=ov["mismatch"])
+        return e
+    _decision_verdict(e, cls, ov["positions"] == 1.0,
+                      f"top-k selection differs ({100 * ov['set']:.2f}% of the set, {100 * ov['positions']:.2f}% "
+                      f"of positions agree)")
+    return e
+
+
+def match_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Dict[str, Any]:
+    from rtdetr_core.matching import agreement
+    if len(a) != len(b):
+        return {"mismatch": f"{len(a)} vs {len(b)} images", "same": 0, "total": max(len(a), len(b))}
+    same, total = agreement([np.asarray(x).reshape(2, -1) for x in a], [np.asarray(x).reshape(2, -1) for x in b])
+    return {"same": same, "total": total, "agreement": same / total if total else 1.0}
+
+
+def judge_matches(name: str, cand: Sequence[np.ndarray], base: Sequence[np.ndarray],
+                  cls: Optional[Dict[str, Any]] = None, *, shared: bool = False) -> Dict[str, Any]:
+    """cand, base: each side's OWN assignment per image [2, n]; cls: classify_matches."""
+    ag = match_agreement(cand, base)
+    e: Dict[str, Any] = {"name": name, "group": "decisions", "kind": "matches", "module": "matcher",
+                         "shape": [ag["total"]], "overlap": ag, "shared": shared,
+                         "agreement": ag.get("agreement", 0.0)}
+    if "mismatch" in ag:
+        e.update(passed=False, rule=None, reason=ag["mismatch"])
+        return e
+    _decision_verdict(e, cls, ag["same"] == ag["total"],
+                      f"assignment differs ({ag['same']} of {ag['total']} pairs agree)")
+    return e
+
+
+# ----------------------------------------------------------------------------------------
+# grouping and summaries
+# ----------------------------------------------------------------------------------------
+
+def module_of(param: str) -> str:
+    """The module a parameter belongs to, at the granularity of the named intermediates:
+    up to and including the first numeric path component (``backbone.res_layers.1``,
+    ``encoder.fpn_blocks.0``, ``decoder.decoder.layers.3``, ``decoder.dec_bbox_head.5``);
+    without a numeric component, the owner module (``decoder.denoising_class_embed``)."""
+    parts = param.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit() and i >= 1:
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or param
+
+
+def severity(e: Dict[str, Any]) -> float:
+    """Sort key "worst first": failing before passing, then the error relative to its bound."""
+    if e.get("kind") != "tensor":
+        return (0 if e["passed"] else 1e300) + (1.0 - float(e.get("agreement", 1.0)))
+    th = e.get("threshold", {})
+    over = e["err"] / th["rel_l2"] if th.get("rel_l2") else e["err"]
+    if "ratio" in e and th.get("k"):
+        over = min(over, e["ratio"] / th["k"])
+    if not e["passed"]:
+        over += 1e150
+    return over if math.isfinite(over) else 1e300
+
+
+def by_module(entries: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Entries grouped by module, worst module first; each with its worst tensor."""
+    mods: Dict[str, Dict[str, Any]] = {}
+    for e in entries:
+        m = mods.setdefault(e["module"], {"module": e["module"], "n": 0, "failed": 0, "worst": None,
+                                          "max_err": 0.0, "max_ratio": None})
+        m["n"] += 1
+        m["failed"] += 0 if e["passed"] else 1
+        if m["worst"] is None or severity(e) > severity(m["worst"]):
+            m["worst"] = e
+        if e.get("kind") == "tensor":
+            m["max_err"] = max(m["max_err"], e["err"])
+            if "ratio" in e:
+                m["max_ratio"] = e["ratio"] if m["max_ratio"] is None else max(m["max_ratio"], e["ratio"])
+    out = sorted(mods.values(), key=lambda m: severity(m["worst"]), reverse=True)
+    for m in out:
+        w = m.pop("worst")
+        m["worst_name"] = w["name"]
+        m["worst_err"] = w.get("err")
+        m["worst_ratio"] = w.get("ratio")
+    return out
+
+
+def group_summary(entries: Sequence[Dict[str, Any]], groups: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    out: Dict[str, Dict[str, Any]] = {}
+    for g in groups:
+        es = [e for e in entries if e["group"] == g]
+        if not es:
+            continue
+        tens = [e for e in es if e.get("kind") == "tensor"]
+        worst = max(es, key=severity)
+        rules: Dict[str, int] = {}
+        for e in es:
+            key = e["rule"] or "FAIL"
+            rules[key] = rules.get(key, 0) + 1
+        s: Dict[str, Any] = {"n": len(es), "failed": sum(1 for e in es if not e["passed"]), "rules": rules,
+                             "worst": worst["name"], "worst_err": worst.get("err"),
+                             "worst_agreement": worst.get("agreement")}
+        if tens:
+            s["max_err"] = max(e["err"] for e in tens)
+            s["max_max_rel"] = max(e["errors"]["cand_base"]["max_rel"] for e in tens)
+            s["min_cos"] = min(e["cos"] for e in tens)
+            if any("floor" in e for e in tens):
+                s["max_floor"] = max(e.get("floor", 0.0) for e in tens)
+                s["max_err_ref"] = max(e.get("err_ref", 0.0) for e in tens)
+                s["max_ratio"] = max(e.get("ratio", 0.0) for e in tens)
+                s["worst"] = worst["name"]
+                s["worst_floor"] = worst.get("floor")
+                s["worst_err_ref"] = worst.get("err_ref")
+                s["worst_ratio"] = worst.get("ratio")
+        out[g] = s
+    return out
+
+
+def first_divergence(entries: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The first failing entry in the given (forward) order, the last passing one before it
+    and the largest error upstream of it."""
+    for i, e in enumerate(entries):
+        if not e["passed"]:
+            # upstream = earlier tensors of the same forward pass (the forward stage runs an
+            # eval pass, then a train-mode pass that does not depend on the eval one)
+            up = [x for x in entries[:i] if x.get("kind") == "tensor"
+                  and (e.get("mode") is None or x.get("mode") == e.get("mode"))]
+            last = entries[i - 1] if i > 0 else None
+            return {
+                "index": i, "name": e["name"], "module": e["module"], "group": e["group"],
+                "err": e.get("err"), "floor": e.get("floor"), "ratio": e.get("ratio"),
+                "agreement": e.get("agreement"), "reason": e.get("reason"),
+                "last_passing": last["name"] if last else None,
+                "last_passing_err": last.get("err") if last else None,
+                "upstream_max_err": max((x["err"] for x in up), default=None),
+                "upstream_max_ratio": max((x["ratio"] for x in up if "ratio" in x), default=None),
+                "n_failed": sum(1 for x in entries if not x["passed"]),
+            }
+    return {}
+
+
+def describe_divergence(fd: Dict[str, Any]) -> str:
+    """One line: ``first divergence: decoder.decoder.layers.3 (rel err 4e-2, upstream all < 1e-6)``."""
+    if not fd:
+        return "no divergence"
+    if fd.get("err") is not None:
+        what = f"rel err {fd['err']:.2g}"
+        if fd.get("ratio") is not None:
+            what += f", {fd['ratio']:.3g}x the float32 floor {fd['floor']:.2g}"
+    else:
+        what = fd.get("reason") or "differs"
+    up = fd.get("upstream_max_err")
+    ups = f", upstream all <= {up:.2g}" if up is not None else ", nothing upstream"
+    return f"first divergence: {fd['module']} [{fd['name']}] ({what}{ups})"

@@ -1,0 +1,144 @@
+"""Detection-level agreement of two backends (``parity detect`` and ``parity run --stage eval``).
+
+Two lists of detections of the same image (``base`` = PyTorch, ``cand`` = Jittor; each
+``{"scores" [n], "labels" [n], "boxes" [n, 4] xyxy px}``, already filtered by score) are
+paired by a one-to-one assignment that maximises the summed IoU (scipy's Hungarian solver);
+a pair counts as *matched* when its IoU is at least ``match_iou``.  Labels are NOT used for
+pairing, so a label flip shows up as a matched pair whose labels disagree.  Per image:
+
+* ``n_base``, ``n_cand``      detections above the score threshold
+* ``matched``                 pairs with IoU >= match_iou
+* ``mean_iou``, ``min_iou``   over the matched pairs (1.0 when nothing to match)
+* ``max_score_diff``          max |score_cand - score_base| over the matched pairs
+* ``label_agreement``         fraction of matched pairs with the same label
+* ``agreement``               matched pairs with the same label / max(n_base, n_cand)
+                              (1.0 when both are empty): the single number images are
+                              ranked by (the most disagreeing images have the lowest)
+
+Thresholds: the ``detect:`` and ``eval:`` sections of ``parity/thresholds.yaml``
+(:func:`load_section`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import numpy as np
+
+from parity.judge.thresholds import DEFAULT_PATH, ThresholdError
+
+
+# defaults (used when thresholds.yaml has no such key); the YAML holds the reasoning
+SECTION_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "detect": {"match_iou": 0.5, "min_agreement": 0.9},
+    "eval": {"max_ap_diff": 0.002, "match_iou": 0.5, "score_threshold": 0.3, "min_mean_agreement": 0.0,
+             "max_tie_rows": 4},
+}
+
+
+def load_section(name: str, path: Optional[str] = None) -> Dict[str, float]:
+    """The ``detect`` / ``eval`` section of the thresholds file: every key a number >= 0,
+    unknown keys rejected (one-line :class:`parity.thresholds.ThresholdError`)."""
+    import yaml
+
+    path = path or DEFAULT_PATH
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ThresholdError(f"{path}: thresholds file not found") from None
+    except yaml.YAMLError as e:
+        raise ThresholdError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    defaults = SECTION_DEFAULTS[name]
+    sec = data.get(name) if isinstance(data, dict) else None
+    if sec is None:
+        return dict(defaults)
+    if not isinstance(sec, dict):
+        raise ThresholdError(f"{path}: key '{name}': expected a mapping")
+    out = dict(defaults)
+    for k, v in sec.items():
+        if k not in defaults:
+            raise ThresholdError(f"{path}: key '{name}.{k}': unknown (allowed: {', '.join(defaults)})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or v < 0:
+            raise ThresholdError(f"{path}: key '{name}.{k}': must be a finite number >= 0, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def box_iou_safe(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes [N,4] x [M,4] in float64; 0 where the union is empty."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return iou
+
+
+def filter_dets(det: Mapping[str, np.ndarray], score_threshold: float) -> Dict[str, np.ndarray]:
+    s = np.asarray(det["scores"]).reshape(-1)
+    keep = s >= score_threshold
+    return {"scores": s[keep], "labels": np.asarray(det["labels"]).reshape(-1)[keep],
+            "boxes": np.asarray(det["boxes"]).reshape(-1, 4)[keep]}
+
+
+def match_detections(base: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
+                     match_iou: float = 0.5) -> Dict[str, Any]:
+    """Agreement of two detection lists of one image (see the module docstring)."""
+    from scipy.optimize import linear_sum_assignment
+    nb, nc = len(np.asarray(base["scores"]).reshape(-1)), len(np.asarray(cand["scores"]).reshape(-1))
+    out: Dict[str, Any] = {"n_base": nb, "n_cand": nc, "matched": 0, "mean_iou": 1.0, "min_iou": 1.0,
+                           "max_score_diff": 0.0, "label_agreement": 1.0, "agreement": 1.0}
+    if nb == 0 or nc == 0:
+        out["agreement"] = 1.0 if nb == nc else 0.0
+        return out
+    iou = box_iou_safe(base["boxes"], cand["boxes"])
+    rows, cols = linear_sum_assignment(-iou)
+    ok = iou[rows, cols] >= match_iou
+    rows, cols = rows[ok], cols[ok]
+    m = len(rows)
+    out["matched"] = m
+    if m == 0:
+        out.update(mean_iou=0.0, min_iou=0.0, label_agreement=0.0, agreement=0.0)
+        return out
+    ious = iou[rows, cols]
+    same = np.asarray(base["labels"]).reshape(-1)[rows] == np.asarray(cand["labels"]).reshape(-1)[cols]
+    sd = np.abs(np.asarray(base["scores"], dtype=np.float64).reshape(-1)[rows]
+                - np.asarray(cand["scores"], dtype=np.float64).reshape(-1)[cols])
+    out.update(mean_iou=float(ious.mean()), min_iou=float(ious.min()), max_score_diff=float(sd.max()),
+               label_agreement=float(same.mean()), agreement=float(same.sum()) / max(nb, nc))
+    return out
+
+
+def summarize(per_image: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+    """Totals over images: detections, matched, mean agreement / IoU, worst score diff."""
+    rows = list(per_image)
+    if not rows:
+        return {"images": 0}
+    nb = sum(r["n_base"] for r in rows)
+    nc = sum(r["n_cand"] for r in rows)
+    matched = sum(r["matched"] for r in rows)
+    with_matches = [r for r in rows if r["matched"]]
+    return {
+        "images": len(rows),
+        "n_base": nb, "n_cand": nc, "matched": matched,
+        "mean_agreement": float(np.mean([r["agreement"] for r in rows])),
+        "min_agreement": float(min(r["agreement"] for r in rows)),
+        "images_fully_agreeing": int(sum(1 for r in rows if r["agreement"] == 1.0)),
+        "mean_iou": float(np.mean([r["mean_iou"] for r in with_matches])) if with_matches else 1.0,
+        "min_iou": float(min(r["min_iou"] for r in with_matches)) if with_matches else 1.0,
+        "max_score_diff": float(max(r["max_score_diff"] for r in rows)),
+        "label_agreement": (float(sum(r["label_agreement"] * r["matched"] for r in with_matches) / matched)
+                            if matched else 1.0),
+    }
+
+
+def worst(rows: List[Dict[str, Any]], n: int) -> List[Dict[str, Any]]:
+    """The ``n`` most disagreeing rows: lowest agreement, then largest score difference."""
+    return sorted(rows, key=lambda r: (r["agreement"], -r["max_score_diff"], -abs(r["n_base"] - r["n_cand"])))[:n]

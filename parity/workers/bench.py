@@ -1,0 +1,273 @@
+"""Timing worker of ``parity bench`` (one process per backend and mode, in that backend's env).
+
+    python -m parity.workers.bench --backend torch|jittor --case DIR --mode eval|train
+        [--device cpu|cuda] [--dtype float32] [--threads N] [--profile-top 25]
+
+The case folder (``parity/case.py``, stage ``grad``) holds the config, the weights, one
+batch of images with targets and the shared denoising draws, so both backends time exactly
+the same work.  The call timed:
+
+* ``eval``:  ``Adapter.forward(images)`` (eval mode, no grad)
+* ``train``: ``Adapter.train_step(images, targets, dn_draws)`` = zero_grad, train-mode forward,
+  loss with Hungarian matching, backward, grad clipping, AdamW step (EMA if the config has it)
+
+Driven by the runner, one call per command, so the runner can interleave the two backends
+(torch call, jittor call, jittor call, torch call, ...): a burst of other work on a shared
+machine then hits both alike, and the idle worker (blocked on stdin) never competes with
+the one being timed.  Commands (JSON lines on stdin; protocol in ``parity/procs.py``)::
+
+    {"cmd": "call", "phase": "warm-up" | "timed"}  ->  {"event": "timed", "phase", "seconds", "i"}
+    {"cmd": "profile", "out": "FILE.json"}         ->  {"event": "profiled", "out"}   (Jittor only)
+    {"cmd": "result"}                              ->  {"event": "result", ...every number...}
+    {"cmd": "quit"}                                ->  {"event": "bye", "peak_rss_mb"}
+
+Each call is timed as ``sync(); t0; call; sync(); t1`` with the adapters' ``sync()``
+(``jt.sync_all(True)`` in Jittor, CUDA synchronise in torch) so lazy / asynchronous work is
+inside the region.  Warm-up calls (Jittor compiles its kernels in the first) are kept apart
+from the timed ones.  Peak RSS is ``VmHWM`` of this process (model + one mode: each mode gets
+its own process; not ``ru_maxrss``, which inherits the runner's RSS across fork + exec).  On CUDA: torch ``max_memory_allocated`` over the timed calls; Jittor
+has no allocator peak counter, so the largest ``jt.get_mem_info().total_cuda_used`` sampled
+after each call is reported.
+
+``profile``: one more call under Jittor's profiler (``jt.profile_scope()``, shapes recorded);
+the slowest kernels and the per-op totals go to FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from parity.fileio import write_json
+from parity.workers.common import (EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, emit, fail_event, import_backend,
+    load_model, open_channel, peak_rss_mb, set_threads, threads_info)
+
+
+def current_rss_mb() -> Optional[float]:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class DeviceMemory:
+    def __init__(self, backend: str, device: str):
+        self.backend, self.device = backend, device
+        self.sampled_peak = 0.0
+
+    def sample(self) -> None:
+        if self.device != "cuda" or self.backend != "jittor":
+            return
+        from backends.jittor_impl.framework import jt
+        self.sampled_peak = max(self.sampled_peak, jt.get_mem_info().total_cuda_used / 2 ** 20)
+
+    def reset(self) -> None:
+        if self.device == "cuda" and self.backend == "torch":
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+
+    def report(self) -> Optional[Dict[str, Any]]:
+        if self.device != "cuda":
+            return None
+        if self.backend == "torch":
+            import torch
+            return {"peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
+                    "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20,
+                    "method": "torch.cuda.max_memory_allocated"}
+        return {"peak_mb": self.sampled_peak, "method": "max of jt.get_mem_info().total_cuda_used after each call"}
+
+
+def profile_report(rows: List[List[str]], top: int = 25) -> List[Dict[str, Any]]:
+    """Jittor's profiler report (header + rows of strings) -> the ``top`` ops by total time."""
+    if not rows:
+        return []
+    head = rows[0]
+    out = []
+    for r in rows[1:]:
+        d = dict(zip(head, r))
+        try:
+            total_ns = float(d.get("TotalTime", 0))
+        except ValueError:
+            continue
+        name = d.get("Name", "")
+        out.append({"op": summarize_op(name), "key": name[:400], "file": d.get("FileName", "").split("\n")[0],
+                    "count": int(float(d.get("Count", 0) or 0)), "total_ms": total_ns / 1e6,
+                    "avg_ms": float(d.get("AvgTime", 0) or 0) / 1e6, "shapes": _shapes(d.get("FileName", ""))})
+    out.sort(key=lambda x: -x["total_ms"])
+    total = sum(x["total_ms"] for x in out if "relay" not in x["key"]) or 1.0
+    for x in out:
+        x["percent"] = 100.0 * x["total_ms"] / total
+    return out[:top]
+
+
+def group_ops(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Profile rows (every row, not only the top) summed by short op name, slowest first."""
+    acc: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        g = acc.setdefault(r["op"], {"op": r["op"], "kernels": 0, "count": 0, "total_ms": 0.0})
+        g["kernels"] += 1
+        g["count"] += r["count"]
+        g["total_ms"] += r["total_ms"]
+    out = sorted(acc.values(), key=lambda g: -g["total_ms"])
+    total = sum(g["total_ms"] for g in out) or 1.0
+    for g in out:
+        g["percent"] = 100.0 * g["total_ms"] / total
+    return out
+
+
+def _shapes(fname: str) -> str:
+    i = fname.find("shapes:")
+    return " ".join(fname[i + 7:].split())[:160] if i >= 0 else ""
+
+
+def summarize_op(key: str) -> str:
+    """Jittor jit key -> short name: ``mkl_conv«Tx:f32...`` -> ``mkl_conv``; a fused op
+    ``«opkey0:broadcast_to«...«opkey2:binary«...«OP:multiply«opkey3:reduce«...«OP:add`` ->
+    ``broadcast_to+broadcast_to+binary(multiply)+reduce(add)``."""
+    toks = [t for t in key.replace("[", "«").replace("]", "«").split("«") if t]
+    if not toks:
+        return key[:80]
+    if not toks[0].startswith("opkey"):
+        return toks[0]
+    names: List[str] = []
+    for t in toks:
+        if t.startswith("opkey") and ":" in t:
+            names.append(t.split(":", 1)[1])
+        elif t.startswith("OP:") and names and "(" not in names[-1]:
+            names[-1] += f"({t[3:]})"
+    if len(names) > 6:
+        from collections import Counter
+        c = Counter(names)
+        return "fused[" + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in c.most_common(6)) + ", ...]"
+    return "+".join(names)
+
+
+def run(args: argparse.Namespace) -> int:
+    be = args.backend
+    phase = "import"
+    timing: Dict[str, float] = {}
+    try:
+        set_threads(be, args.threads)
+        t = time.perf_counter()
+        mod, versions = import_backend(be)
+        set_threads(be, args.threads)
+        timing["import"] = time.perf_counter() - t
+        phase = "device"
+        check_device(be, args.device)
+        phase = "model"
+        adapter, case = load_model(mod, be, args.case, args.dtype, args.device, timing)
+        if case.manifest.get("stage") != "grad":
+            raise WorkerFailure("case", EXIT_INPUT, "bench needs a case built for stage grad (targets + dn draws)")
+        images, targets = case.inputs()
+        images = images.astype(args.dtype)
+        dn = case.dn_draws()
+        rss_loaded = current_rss_mb()
+        emit("ready", backend=be, versions=versions, timing=timing, threads=threads_info(be), device=args.device)
+
+        if args.mode == "eval":
+            def call():
+                return adapter.forward(images)
+        else:
+            def call():
+                return adapter.train_step(images, targets, dn)
+        dev = DeviceMemory(be, args.device)
+
+        def timed() -> float:
+            adapter.sync()
+            t0 = time.perf_counter()
+            call()
+            adapter.sync()
+            dt = time.perf_counter() - t0
+            dev.sample()
+            return dt
+
+        warm: List[float] = []
+        times: List[float] = []
+        profile_file = None
+        phase = "serve"
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            req = json.loads(line)
+            cmd = req.get("cmd")
+            if cmd == "quit":
+                break
+            if cmd == "call":
+                kind = req.get("phase", "timed")
+                phase = kind
+                if kind == "timed" and not times:
+                    gc.collect()
+                    dev.reset()
+                dt = timed()
+                (warm if kind == "warm-up" else times).append(dt)
+                emit("timed", phase=kind, seconds=dt, i=len(warm if kind == "warm-up" else times))
+            elif cmd == "profile":
+                phase = "profile"
+                if be != "jittor":
+                    raise WorkerFailure("profile", EXIT_INPUT, "profile is Jittor's profiler (jt.profile_scope)")
+                from backends.jittor_impl.framework import jt
+
+                adapter.sync()
+                t0 = time.perf_counter()
+                with jt.profile_scope(profiler_record_shape=1) as rep:
+                    call()
+                    adapter.sync()
+                every = profile_report(rep, top=10 ** 9)
+                profile_file = req["out"]
+                write_json(profile_file, {"backend": be, "mode": args.mode,
+                                          "seconds_profiled": time.perf_counter() - t0,
+                                          "top_ops": every[:args.profile_top],
+                                          "by_op": group_ops(every)[:args.profile_top],
+                                          "raw_rows": len(rep) - 1 if rep else 0})
+                emit("profiled", out=profile_file)
+            elif cmd == "result":
+                if not times:
+                    raise WorkerFailure("result", EXIT_INPUT, "no timed call was made")
+                emit("result", **{
+                    "backend": be, "mode": args.mode, "device": args.device, "dtype": args.dtype,
+                    "batch": int(images.shape[0]), "size": list(images.shape[2:]),
+                    "warmup_seconds": warm, "seconds": times,
+                    "min": float(np.min(times)), "median": float(np.median(times)), "max": float(np.max(times)),
+                    "mean": float(np.mean(times)),
+                    "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded, "rss_end_mb": current_rss_mb(),
+                    "device_memory": dev.report(), "threads": threads_info(be), "versions": versions,
+                    "timing": timing, "profile": profile_file})
+            else:
+                raise WorkerFailure("serve", EXIT_INPUT, f"unknown command {cmd!r}")
+            phase = "serve"
+        emit("bye", backend=be, peak_rss_mb=peak_rss_mb())
+        return EXIT_OK
+    except BaseException as e:  # noqa: BLE001 - every failure becomes an error event
+        if isinstance(e, SystemExit):
+            raise
+        return fail_event(be, phase, e)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m parity.workers.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--backend", required=True, choices=["torch", "jittor"])
+    p.add_argument("--case", required=True)
+    p.add_argument("--mode", required=True, choices=["eval", "train"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile-top", type=int, default=25)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    open_channel()
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
