@@ -15,6 +15,10 @@ class UsageError(Exception):
     """A user mistake: printed as one line, exit 2."""
 
 
+class ReportError(UsageError):
+    """A run folder ``parity report`` cannot read (one line, exit 2)."""
+
+
 class RunError(UsageError):
     """A usage or environment error of a run: one clear line naming the side and the cause; exit 2."""
 

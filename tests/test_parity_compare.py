@@ -10,6 +10,7 @@ import pytest
 from parity.fileio import jsonable
 from parity.judge import compare as C
 from parity.judge.thresholds import DEFAULT_PATH, GroupThreshold, ThresholdError, load_thresholds
+from parity.report.forward import describe_divergence
 
 TH = load_thresholds()
 
@@ -154,7 +155,7 @@ def test_first_divergence_and_last_passing():
     assert fd["module"] == "decoder.decoder.layers.3"
     assert fd["last_passing"] == "decoder.decoder.layers.2"
     assert fd["upstream_max_err"] < 1e-10 and fd["n_failed"] == 2
-    s = C.describe_divergence(fd)
+    s = describe_divergence(fd)
     assert s.startswith("first divergence: decoder.decoder.layers.3") and "upstream all <=" in s
     assert C.first_divergence(entries[:3]) == {}
 

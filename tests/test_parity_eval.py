@@ -38,14 +38,14 @@ def eval_run(tmp_path_factory):
 
 
 def test_eval_stage_all_metrics_both_backends_within_threshold(eval_run):
-    from parity.judge.detmatch import load_section
+    from parity.judge.thresholds import load_thresholds
 
     r, out = eval_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "result.json").read_text())
     assert res["status"] == "ok" and res["passed"] and res["stage"] == "eval"
     assert res["data"]["images"] == 5 and res["data"]["synthetic"]
-    limit = load_section("eval")["max_ap_diff"]
+    limit = load_thresholds().section("eval")["max_ap_diff"]
     assert res["thresholds"]["max_ap_diff"] == limit
     for be in ("torch", "jittor"):
         assert list(res["metrics"][be]) == list(METRICS)

@@ -282,6 +282,7 @@ def _fake_log(totals, per_epoch=2, scale=1.0):
 
 def test_curve_metrics_lockstep_and_rules():
     from parity.judge import curves
+    from parity.judge.thresholds import load_thresholds
     base = _fake_log([10.0, 9.0, 8.0, 7.0, 6.0, 5.0])
     cand = _fake_log([10.0, 9.0, 8.0000001, 7.01, 6.0, 5.0])
     m = curves.curve_metrics(cand, base)
@@ -292,7 +293,7 @@ def test_curve_metrics_lockstep_and_rules():
     assert m["epoch_total_rel_at"] == 2 and m["epoch_total_rel"] == pytest.approx(0.0100001 / 15.0, rel=1e-9)
     assert m["final_window"]["epochs"] == [1, 2, 3]
     assert m["same_inputs"]
-    rules = curves.load_train_thresholds().for_dtype("float32")
+    rules = load_thresholds().train().for_dtype("float32")
     checks = {c["check"]: c for c in curves.judge(m, rules)}
     assert checks["epoch_total_rel"]["passed"] and checks["epoch_total_rel"]["rule"] == "fixed"
     assert checks["map_abs"]["rule"] == "n/a"
@@ -306,6 +307,7 @@ def test_curve_metrics_lockstep_and_rules():
 
 def test_param_drift_and_lr_schedule():
     from parity.judge import curves
+    from parity.judge.thresholds import load_thresholds
     from parity.workers.train import lr_factor
     w0 = {"a.w": np.zeros(3), "b.w": np.zeros(2)}
     wb = {"a.w": np.array([1.0, 0, 0]), "b.w": np.array([0.0, 1.0])}

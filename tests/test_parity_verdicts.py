@@ -18,7 +18,7 @@ from parity.judge.train_state import buffer_errors, eval_output_errors
 
 pytestmark = pytest.mark.torch
 
-RULES = curves.load_train_thresholds().for_dtype("float32")
+RULES = load_thresholds().train().for_dtype("float32")
 
 
 def _log(totals, per_epoch=2, nonfinite_at=None):

@@ -54,7 +54,7 @@ def _not_implemented(what: str):
 STAGE_MODULES = {"forward": "parity.commands.forward", "grad": "parity.commands.forward",
                  "train": "parity.commands.train", "eval": "parity.commands.eval"}
 # Other sub-commands: module with ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMAND_MODULES = {"report": ("parity.report.render", "render run folders into report.md/json + plots"),
+COMMAND_MODULES = {"report": ("parity.commands.report", "render run folders into report.md/json + plots"),
                    "detect": ("parity.commands.detect", "run both backends on images and draw their detections"),
                    "bench": ("parity.commands.bench", "speed and memory of both backends side by side"),
                    "selftest": ("parity.commands.selftest", "plant porting bugs in the Jittor backend and measure what the "

@@ -39,7 +39,7 @@ from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, WorkerErro
 from parity.fileio import (default_out, prepare_out, write_bytes, write_error_result, write_json, write_npz,
     write_npz as wn)
 from parity.judge.compare import judge_tensor
-from parity.judge.detmatch import filter_dets, load_section, match_detections, summarize
+from parity.judge.detmatch import filter_dets, match_detections, summarize
 from parity.judge.outputs_match import align_batch
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.report.draw import chw_to_image, png_bytes, side_by_side
@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-side {args.max_side}: must be >= 32")
     try:
         th = load_thresholds(args.thresholds)
-        sec = load_section("detect", args.thresholds)
+        sec = th.section("detect")
     except ThresholdError as e:
         raise UsageError(str(e)) from None
     cats = Categories(args.categories, cfg.num_classes)

@@ -51,7 +51,7 @@ from parity.commands.detect import SEEDED_NOTE
 from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, WorkerError
 from parity.fileio import default_out, prepare_out, write_error_result, write_json, write_npz, write_text
 from parity.judge.compare import tensor_errors
-from parity.judge.detmatch import filter_dets, load_section, match_detections, summarize, worst
+from parity.judge.detmatch import filter_dets, match_detections, summarize, worst
 from parity.judge.outputs_match import OutputsGate
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.sides.process import resolve_python, run_interruptible
@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     timeout = getattr(args, "timeout", None) or None
     try:
         th = load_thresholds(tpath)
-        sec = load_section("eval", tpath)
+        sec = th.section("eval")
     except ThresholdError as e:
         raise UsageError(str(e)) from None
     limit = getattr(args, "limit", None)

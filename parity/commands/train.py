@@ -47,8 +47,7 @@ from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, RunError
 from parity.facts import git_describe, host_info, runner_versions
 from parity.fileio import default_out, read_json, read_npz_meta, write_json, write_text
 from parity.judge import curves
-from parity.judge.detmatch import load_section
-from parity.judge.thresholds import ThresholdError
+from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.judge.train_state import buffer_errors, eval_output_errors, state_names
 from parity.report.train import train_markdown
 from parity.sides.jobs import Job, preflight
@@ -318,9 +317,10 @@ def run(args: argparse.Namespace) -> int:
             if int(v) < 0:
                 raise RunError(f"{n} must be >= 0, got {v}")
         try:
-            thresholds = curves.load_train_thresholds(opt(args, "thresholds", None))
+            tfile = load_thresholds(opt(args, "thresholds", None), stage_tables=False)
+            thresholds = tfile.train()
             # the tie pairing of the eval outputs follows the eval stage's rule (one number)
-            max_tie_rows = int(load_section("eval", opt(args, "thresholds", None))["max_tie_rows"])
+            max_tie_rows = int(tfile.section("eval")["max_tie_rows"])
         except ThresholdError as e:
             raise RunError(f"thresholds: {e}", cause="thresholds") from None
 

@@ -424,18 +424,3 @@ def first_divergence(entries: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                 "n_failed": sum(1 for x in entries if not x["passed"]),
             }
     return {}
-
-
-def describe_divergence(fd: Dict[str, Any]) -> str:
-    """One line: ``first divergence: decoder.decoder.layers.3 (rel err 4e-2, upstream all < 1e-6)``."""
-    if not fd:
-        return "no divergence"
-    if fd.get("err") is not None:
-        what = f"rel err {fd['err']:.2g}"
-        if fd.get("ratio") is not None:
-            what += f", {fd['ratio']:.3g}x the float32 floor {fd['floor']:.2g}"
-    else:
-        what = fd.get("reason") or "differs"
-    up = fd.get("upstream_max_err")
-    ups = f", upstream all <= {up:.2g}" if up is not None else ", nothing upstream"
-    return f"first divergence: {fd['module']} [{fd['name']}] ({what}{ups})"

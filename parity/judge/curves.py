@@ -1,4 +1,4 @@
-"""Curve metrics of a parity training run, and their thresholds (``train:`` in thresholds.yaml).
+"""Curve metrics of a parity training run, and their verdict (rules: ``train:`` in thresholds.yaml).
 
 Vocabulary as in ``parity/compare.py``: ``cand`` is the side under test (Jittor), ``base``
 the side it is compared with (PyTorch, same dtype) and, in float32 runs, ``ref`` the PyTorch
@@ -42,22 +42,14 @@ value <= k * floor + allowance, floor = the same metric between base and ref).
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from parity.judge.thresholds import DEFAULT_PATH, ThresholdError
+from parity.judge.thresholds import CHECKS, DEFAULT_LOCKSTEP_REL, DEFAULT_WINDOW, TrainRule
 
-
-DEFAULT_LOCKSTEP_REL = 1e-4
-DEFAULT_WINDOW = 5
 MAP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-CHECKS = ("first_grad_norm_rel", "epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift",
-          "buffer_rel", "eval_outputs_rel", "lockstep_min")
-_RULE_KEYS = {"max", "min", "k", "allowance"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,92 +296,6 @@ def missing_data(m: Mapping[str, Any], map_cand, map_base, expect_evals: Sequenc
         if "final" not in pts:
             out["buffer_rel"] = f"final buffers missing on {labels[0]} or {labels[1]} (both completed)"
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# thresholds (the ``train:`` section of parity/thresholds.yaml)
-# ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainRule:
-    max: Optional[float] = None          # fixed rule: value <= max
-    min: Optional[float] = None          # fixed rule for lengths: value >= min
-    k: Optional[float] = None            # floor rule: value <= k * floor + allowance
-    allowance: float = 0.0
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-@dataclass
-class TrainThresholds:
-    path: str
-    lockstep_rel: float
-    window: int
-    table: Dict[str, Dict[str, TrainRule]]      # dtype -> check -> rule
-
-    def for_dtype(self, dtype: str) -> Dict[str, TrainRule]:
-        return self.table[dtype]
-
-
-def load_train_thresholds(path: Optional[str] = None) -> TrainThresholds:
-    """Parse ``train:`` of a thresholds file; problems raise ``ThresholdError`` (one line)."""
-    import yaml
-    path = path or DEFAULT_PATH
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ThresholdError(f"{path}: thresholds file not found") from None
-    except yaml.YAMLError as e:
-        raise ThresholdError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    sec = data.get("train") if isinstance(data, dict) else None
-    if not isinstance(sec, dict):
-        raise ThresholdError(f"{path}: key 'train': missing or not a mapping")
-
-    def num(key, v, lo=0.0):
-        if isinstance(v, bool):
-            raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}")
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}") from None
-        if not math.isfinite(f) or f < lo:
-            raise ThresholdError(f"{path}: key '{key}': must be a finite number >= {lo:g}, got {v!r}")
-        return f
-
-    for k in sec:
-        if k not in ("lockstep_rel", "final_window", "float32", "float64"):
-            raise ThresholdError(f"{path}: key 'train.{k}': unknown (allowed: lockstep_rel, final_window, float32, float64)")
-    lockstep_rel = num("train.lockstep_rel", sec.get("lockstep_rel", DEFAULT_LOCKSTEP_REL))
-    window = int(num("train.final_window", sec.get("final_window", DEFAULT_WINDOW), 1))
-    table: Dict[str, Dict[str, TrainRule]] = {}
-    for dt in ("float32", "float64"):
-        dd = sec.get(dt)
-        if not isinstance(dd, dict):
-            raise ThresholdError(f"{path}: key 'train.{dt}': missing or not a mapping")
-        table[dt] = {}
-        for c in dd:
-            if c not in CHECKS:
-                raise ThresholdError(f"{path}: key 'train.{dt}.{c}': unknown check (allowed: {', '.join(CHECKS)})")
-        for c in CHECKS:
-            r = dd.get(c)
-            where = f"train.{dt}.{c}"
-            if not isinstance(r, dict):
-                raise ThresholdError(f"{path}: key '{where}': missing or not a mapping")
-            for k in r:
-                if k not in _RULE_KEYS:
-                    raise ThresholdError(f"{path}: key '{where}.{k}': unknown (allowed: {', '.join(sorted(_RULE_KEYS))})")
-            if c == "lockstep_min":
-                if "min" not in r:
-                    raise ThresholdError(f"{path}: key '{where}.min': required")
-            elif "max" not in r:
-                raise ThresholdError(f"{path}: key '{where}.max': required")
-            table[dt][c] = TrainRule(max=num(f"{where}.max", r["max"]) if "max" in r else None,
-                                     min=num(f"{where}.min", r["min"]) if "min" in r else None,
-                                     k=num(f"{where}.k", r["k"]) if "k" in r else None,
-                                     allowance=num(f"{where}.allowance", r.get("allowance", 0.0)))
-    return TrainThresholds(path=os.path.abspath(path), lockstep_rel=lockstep_rel, window=window, table=table)
 
 
 CHECK_TEXT = {

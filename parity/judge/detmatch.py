@@ -16,53 +16,14 @@ pairing, so a label flip shows up as a matched pair whose labels disagree.  Per 
                               ranked by (the most disagreeing images have the lowest)
 
 Thresholds: the ``detect:`` and ``eval:`` sections of ``parity/thresholds.yaml``
-(:func:`load_section`).
+(``load_thresholds(path).section(name)``, parity/judge/thresholds.py).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping
 
 import numpy as np
 
-from parity.judge.thresholds import DEFAULT_PATH, ThresholdError
-
-
-# defaults (used when thresholds.yaml has no such key); the YAML holds the reasoning
-SECTION_DEFAULTS: Dict[str, Dict[str, float]] = {
-    "detect": {"match_iou": 0.5, "min_agreement": 0.9},
-    "eval": {"max_ap_diff": 0.002, "match_iou": 0.5, "score_threshold": 0.3, "min_mean_agreement": 0.0,
-             "max_tie_rows": 4},
-}
-
-
-def load_section(name: str, path: Optional[str] = None) -> Dict[str, float]:
-    """The ``detect`` / ``eval`` section of the thresholds file: every key a number >= 0,
-    unknown keys rejected (one-line :class:`parity.thresholds.ThresholdError`)."""
-    import yaml
-
-    path = path or DEFAULT_PATH
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ThresholdError(f"{path}: thresholds file not found") from None
-    except yaml.YAMLError as e:
-        raise ThresholdError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    defaults = SECTION_DEFAULTS[name]
-    sec = data.get(name) if isinstance(data, dict) else None
-    if sec is None:
-        return dict(defaults)
-    if not isinstance(sec, dict):
-        raise ThresholdError(f"{path}: key '{name}': expected a mapping")
-    out = dict(defaults)
-    for k, v in sec.items():
-        if k not in defaults:
-            raise ThresholdError(f"{path}: key '{name}.{k}': unknown (allowed: {', '.join(defaults)})")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or v < 0:
-            raise ThresholdError(f"{path}: key '{name}.{k}': must be a finite number >= 0, got {v!r}")
-        out[k] = float(v)
-    return out
 
 
 def box_iou_safe(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,14 +1,20 @@
-"""Loader of ``thresholds.yaml``: stage -> dtype -> tensor group -> :class:`GroupThreshold`.
+"""The one loader of ``thresholds.yaml`` (``load_thresholds``), every section:
 
-The file's comments hold the reasoning behind every number; this module only parses and
-validates it (unknown keys, wrong types and missing groups are one-line errors naming the
-file and the key).
+* ``forward`` / ``grad``: stage -> dtype -> tensor group -> :class:`GroupThreshold`, and
+  ``decisions`` (parsed on load, as every run needs them);
+* ``eval`` / ``detect``: flat numbers with defaults (``Thresholds.section(name)``);
+* ``train``: the curve checks' rules (``Thresholds.train()`` -> :class:`TrainThresholds`).
+
+The file is read once; a section is validated when it is first asked for, so a stage never
+fails on a section it does not use.  The file's comments hold the reasoning behind every
+number; this module only parses and validates it (unknown keys, wrong types and missing
+groups are one-line errors naming the file and the key).
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
 import yaml
@@ -24,7 +30,21 @@ GROUPS = {
     "grad": ("intermediates", "outputs", "losses", "grads", "step"),
 }
 _KEYS = ("rel_l2", "cos", "atol", "zero_ref", "k", "allowance", "cap", "cos_ref")
-OTHER_SECTIONS = {"eval", "detect", "train", "bench"}   # parsed elsewhere (see load_thresholds)
+OTHER_SECTIONS = {"eval", "detect", "train", "bench"}   # parsed on demand (Thresholds.section / .train)
+# defaults (used when thresholds.yaml has no such key); the YAML holds the reasoning
+SECTION_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "detect": {"match_iou": 0.5, "min_agreement": 0.9},
+    "eval": {"max_ap_diff": 0.002, "match_iou": 0.5, "score_threshold": 0.3, "min_mean_agreement": 0.0,
+             "max_tie_rows": 4},
+}
+
+
+# the train section (parity/judge/curves.py computes and judges these checks)
+DEFAULT_LOCKSTEP_REL = 1e-4
+DEFAULT_WINDOW = 5
+CHECKS = ("first_grad_norm_rel", "epoch_total_rel", "epoch_term_rel", "final_window_rel", "map_abs", "param_drift",
+          "buffer_rel", "eval_outputs_rel", "lockstep_min")
+_RULE_KEYS = {"max", "min", "k", "allowance"}
 
 
 class ThresholdError(ValueError):
@@ -53,6 +73,7 @@ class Thresholds:
     min_agreement: float = 1.0
     tie_k: float = 4.0                 # a flip is a tie when its exact gap <= tie_k x float32 noise
     float64_noise_rel: float = 1.0e-12  # float64 comparisons: noise = this x max|score|
+    data: Dict[str, Any] = field(default_factory=dict, repr=False)    # the file, for the other sections
 
     def get(self, stage: str, dtype: str, group: str) -> GroupThreshold:
         try:
@@ -62,6 +83,14 @@ class Thresholds:
 
     def for_run(self, stage: str, dtype: str) -> Dict[str, GroupThreshold]:
         return dict(self.table[stage][dtype])
+
+    def section(self, name: str) -> Dict[str, float]:
+        """The ``detect`` / ``eval`` section: every key a number >= 0, defaults for the rest."""
+        return _flat_section(self.path, self.data, name)
+
+    def train(self) -> "TrainThresholds":
+        """The ``train`` section (required when asked for)."""
+        return _train_section(self.path, self.data)
 
 
 def _num(path: str, key: str, v: Any) -> float:
@@ -76,19 +105,27 @@ def _num(path: str, key: str, v: Any) -> float:
     return f
 
 
-def load_thresholds(path: Optional[str] = None) -> Thresholds:
-    """Parse and validate a thresholds file (default: the bundled ``parity/thresholds.yaml``)."""
-    path = path or DEFAULT_PATH
+def _read(path: str) -> Any:
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            return yaml.safe_load(fh)
     except FileNotFoundError:
         raise ThresholdError(f"{path}: thresholds file not found") from None
     except yaml.YAMLError as e:
         raise ThresholdError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def load_thresholds(path: Optional[str] = None, stage_tables: bool = True) -> Thresholds:
+    """Parse and validate a thresholds file (default: the bundled ``parity/thresholds.yaml``).
+    ``stage_tables=False`` (the train stage): leave the forward/grad tables out; only the
+    sections asked for later are validated."""
+    path = path or DEFAULT_PATH
+    data = _read(path)
+    if not stage_tables:
+        return Thresholds(path=path, table={}, data=data if isinstance(data, dict) else {})
     if not isinstance(data, dict):
         raise ThresholdError(f"{path}: top level must be a mapping")
-    # sections parsed by their own modules: eval/detect (parity/detmatch.py), train, bench
+    # eval/detect/train are parsed when asked for (Thresholds.section, Thresholds.train)
     allowed = set(STAGES) | {"defaults", "decisions"} | OTHER_SECTIONS
     for k in data:
         if k not in allowed:
@@ -146,7 +183,97 @@ def load_thresholds(path: Optional[str] = None) -> Thresholds:
     ma = _num(path, "decisions.min_agreement", dec.get("min_agreement", 1.0))
     if ma > 1:
         raise ThresholdError(f"{path}: key 'decisions.min_agreement': must be <= 1")
-    return Thresholds(path=path, table=table, min_agreement=ma,
+    return Thresholds(path=path, table=table, min_agreement=ma, data=data,
                       tie_k=_num(path, "decisions.tie_k", dec.get("tie_k", 4.0)),
                       float64_noise_rel=_num(path, "decisions.float64_noise_rel",
                                              dec.get("float64_noise_rel", 1.0e-12)))
+
+
+def _flat_section(path: str, data: Any, name: str) -> Dict[str, float]:
+    defaults = SECTION_DEFAULTS[name]
+    sec = data.get(name) if isinstance(data, dict) else None
+    if sec is None:
+        return dict(defaults)
+    if not isinstance(sec, dict):
+        raise ThresholdError(f"{path}: key '{name}': expected a mapping")
+    out = dict(defaults)
+    for k, v in sec.items():
+        if k not in defaults:
+            raise ThresholdError(f"{path}: key '{name}.{k}': unknown (allowed: {', '.join(defaults)})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or v < 0:
+            raise ThresholdError(f"{path}: key '{name}.{k}': must be a finite number >= 0, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+@dataclass(frozen=True)
+class TrainRule:
+    max: Optional[float] = None          # fixed rule: value <= max
+    min: Optional[float] = None          # fixed rule for lengths: value >= min
+    k: Optional[float] = None            # floor rule: value <= k * floor + allowance
+    allowance: float = 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class TrainThresholds:
+    path: str
+    lockstep_rel: float
+    window: int
+    table: Dict[str, Dict[str, TrainRule]]      # dtype -> check -> rule
+
+    def for_dtype(self, dtype: str) -> Dict[str, TrainRule]:
+        return self.table[dtype]
+
+
+def _train_section(path: str, data: Any) -> TrainThresholds:
+    """Parse ``train:`` of a thresholds file; problems raise ``ThresholdError`` (one line)."""
+    sec = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(sec, dict):
+        raise ThresholdError(f"{path}: key 'train': missing or not a mapping")
+
+    def num(key, v, lo=0.0):
+        if isinstance(v, bool):
+            raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}") from None
+        if not math.isfinite(f) or f < lo:
+            raise ThresholdError(f"{path}: key '{key}': must be a finite number >= {lo:g}, got {v!r}")
+        return f
+
+    for k in sec:
+        if k not in ("lockstep_rel", "final_window", "float32", "float64"):
+            raise ThresholdError(f"{path}: key 'train.{k}': unknown (allowed: lockstep_rel, final_window, float32, float64)")
+    lockstep_rel = num("train.lockstep_rel", sec.get("lockstep_rel", DEFAULT_LOCKSTEP_REL))
+    window = int(num("train.final_window", sec.get("final_window", DEFAULT_WINDOW), 1))
+    table: Dict[str, Dict[str, TrainRule]] = {}
+    for dt in ("float32", "float64"):
+        dd = sec.get(dt)
+        if not isinstance(dd, dict):
+            raise ThresholdError(f"{path}: key 'train.{dt}': missing or not a mapping")
+        table[dt] = {}
+        for c in dd:
+            if c not in CHECKS:
+                raise ThresholdError(f"{path}: key 'train.{dt}.{c}': unknown check (allowed: {', '.join(CHECKS)})")
+        for c in CHECKS:
+            r = dd.get(c)
+            where = f"train.{dt}.{c}"
+            if not isinstance(r, dict):
+                raise ThresholdError(f"{path}: key '{where}': missing or not a mapping")
+            for k in r:
+                if k not in _RULE_KEYS:
+                    raise ThresholdError(f"{path}: key '{where}.{k}': unknown (allowed: {', '.join(sorted(_RULE_KEYS))})")
+            if c == "lockstep_min":
+                if "min" not in r:
+                    raise ThresholdError(f"{path}: key '{where}.min': required")
+            elif "max" not in r:
+                raise ThresholdError(f"{path}: key '{where}.max': required")
+            table[dt][c] = TrainRule(max=num(f"{where}.max", r["max"]) if "max" in r else None,
+                                     min=num(f"{where}.min", r["min"]) if "min" in r else None,
+                                     k=num(f"{where}.k", r["k"]) if "k" in r else None,
+                                     allowance=num(f"{where}.allowance", r.get("allowance", 0.0)))
+    return TrainThresholds(path=os.path.abspath(path), lockstep_rel=lockstep_rel, window=window, table=table)

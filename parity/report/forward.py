@@ -6,8 +6,6 @@ import math
 import sys
 from typing import Any, Dict, List
 
-from parity.judge import compare as C
-from parity.judge.run_compare import GROUP_ORDER
 
 
 def _g(x, fmt=".2e") -> str:
@@ -18,6 +16,21 @@ def _g(x, fmt=".2e") -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return "inf" if x > 0 else ("nan" if math.isnan(x) else "-inf")
     return format(x, fmt)
+
+
+def describe_divergence(fd: Dict[str, Any]) -> str:
+    """One line: ``first divergence: decoder.decoder.layers.3 (rel err 4e-2, upstream all < 1e-6)``."""
+    if not fd:
+        return "no divergence"
+    if fd.get("err") is not None:
+        what = f"rel err {fd['err']:.2g}"
+        if fd.get("ratio") is not None:
+            what += f", {fd['ratio']:.3g}x the float32 floor {fd['floor']:.2g}"
+    else:
+        what = fd.get("reason") or "differs"
+    up = fd.get("upstream_max_err")
+    ups = f", upstream all <= {up:.2g}" if up is not None else ", nothing upstream"
+    return f"first divergence: {fd['module']} [{fd['name']}] ({what}{ups})"
 
 
 def _rules(r: Dict[str, int]) -> str:
@@ -32,8 +45,7 @@ def group_table(result: Dict[str, Any], md: bool = False) -> List[str]:
         head += [f"floor {lab['base']}-{lab['ref']}", f"{lab['cand']}-{lab['ref']}", "ratio"]
     head += ["rules"]
     rows = []
-    for g in GROUP_ORDER:
-        s = result["groups"].get(g)
+    for g, s in result["groups"].items():      # in the judge's group order
         if not s:
             continue
         if g == "decisions":
@@ -72,7 +84,7 @@ def _both_markdown(result: Dict[str, Any]) -> str:
         fd = r.get("first_divergence")
         L.append(f"- {dt}: **{r['status'].upper()}** {n - nf}/{n} ({r['labels']['cand']} vs {r['labels']['base']}"
                  + (f", floor {r['labels']['base']} vs {r['labels']['ref']}" if "ref" in r["labels"] else "")
-                 + f"){'; ' + C.describe_divergence(fd) if fd else ''}")
+                 + f"){'; ' + describe_divergence(fd) if fd else ''}")
     ex = result.get("explained") or []
     if ex:
         L += ["", f"## float32 tensors reported, not failed ({len(ex)}): float64 passes them, and the evidence "
@@ -140,7 +152,7 @@ def summary_markdown(result: Dict[str, Any]) -> str:
                  f"the continuous tensors are judged on {rr['judged_run']}, the same side re-run with "
                  f"{lab['base']}'s decisions")
     L.append("")
-    L.append(f"**{C.describe_divergence(fd)}**" if fd else "**No divergence: every check passed.**")
+    L.append(f"**{describe_divergence(fd)}**" if fd else "**No divergence: every check passed.**")
     if fd:
         L.append("")
         L.append(f"- reason: {fd.get('reason')}")
@@ -273,7 +285,7 @@ def _print_run(result: Dict[str, Any], stream) -> None:
     if result.get("faults"):
         w(f"  INJECTED FAULT ({result['fault_side']} side): {', '.join(result['faults'])}\n")
     fd = result.get("first_divergence")
-    w("  " + (C.describe_divergence(fd) if fd else "no divergence") + "\n")
+    w("  " + (describe_divergence(fd) if fd else "no divergence") + "\n")
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,39 +15,25 @@ Exit codes: 0 rendered, 2 usage error (a folder that is not a run, unreadable fi
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
 import re
-import sys
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from parity.commands.bench import render_md, render_png
-from parity.fileio import default_out, jsonable, read_json, write_bytes, write_json, write_text
-from parity.judge import compare as C
+from parity.errors import ReportError
+from parity.fileio import jsonable, read_json, write_bytes, write_json, write_text
 from parity.numfmt import g
-from parity.report.fmt import _df, md_table, shown_path
-from parity.report.forward import group_table
 from parity.report import plots
+from parity.report.bench import render_md, render_png
+from parity.report.fmt import _df, md_table, shown_path
+from parity.report.forward import describe_divergence, group_table
 from parity.report.train import train_markdown, train_numbers, train_plots
 
 
-EXIT_OK, EXIT_USAGE = 0, 2
 REPORT_SCHEMA = 1
 KINDS = ("forward", "grad", "train", "eval", "bench")
-
-
-class ReportError(Exception):
-    """A usage problem (one line, exit 2)."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (forward/grad/train/eval/bench)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report for one run, "
-                                                "reports/runs/<time>-report for several)")
-    p.add_argument("--title", default=None, help="report title")
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,7 +164,7 @@ def stage_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
     L.append(f"- config `{res.get('config')}` (digest `{res.get('config_digest')}`), batch {case.get('batch_size')} at "
              f"{case.get('image_size')}, seed {res.get('seed')}, device `{res.get('device')}`")
     fd = res.get("first_divergence")
-    L.append(f"- {C.describe_divergence(fd) if fd else 'no divergence: every check passed'}")
+    L.append(f"- {describe_divergence(fd) if fd else 'no divergence: every check passed'}")
     L.append("")
     if res.get("groups"):
         L += group_table(res, md=True)
@@ -338,21 +324,3 @@ def render(run_dirs: Sequence[str], out: str, title: Optional[str] = None) -> Di
     write_json(os.path.join(out, "report.json"), doc)
     write_text(os.path.join(out, "report.md"), "\n".join(md).rstrip() + "\n")
     return doc
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        dirs = list(args.runs)
-        if args.out:
-            out = os.path.abspath(args.out)
-        elif len(dirs) == 1:
-            out = os.path.join(os.path.abspath(dirs[0]), "report")
-        else:
-            out = default_out("report", "runs")
-        doc = render(dirs, out, args.title)
-    except ReportError as e:
-        print(f"parity report: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    n_img = sum(len(r["images"]) for r in doc["runs"])
-    print(f"parity report: {len(doc['runs'])} run(s) -> {out}/report.md, report.json, {n_img} plot(s)")
-    return EXIT_OK

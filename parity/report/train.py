@@ -6,8 +6,8 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional
 
 from parity.numfmt import g
-from parity.report.fmt import _df, md_table, shown_path
 from parity.report import plots
+from parity.report.fmt import _df, md_table, shown_path
 
 
 def _side(res, role):
