@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, BinaryIO, Dict, Iterator, Mapping, Optional, Sequence
+from typing import IO, Any, BinaryIO, Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -149,3 +149,38 @@ def write_error_result(out: Optional[str], name: str, message: str, base: Option
         write_json(os.path.join(out, name), error_result({"schema": 1, **(base or {})}, err))
     except (OSError, ValueError):
         pass
+
+
+class JsonArrayWriter:
+    """A JSON array written item by item to ``PATH.partial``; ``close()`` fsyncs and renames
+    it to ``PATH`` (so ``PATH`` is complete or absent); ``abort()`` removes the partial file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = path + ".partial"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f: Optional[IO[str]] = open(self.tmp, "w", encoding="utf-8")
+        self.f.write("[")
+        self.n = 0
+
+    def extend(self, items: Sequence[Dict[str, Any]]) -> None:
+        for it in items:
+            self.f.write(("\n" if self.n == 0 else ",\n") + json.dumps(it, allow_nan=False))
+            self.n += 1
+
+    def close(self) -> None:
+        if self.f is None:
+            return
+        self.f.write("\n]\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.f = None
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)

@@ -275,7 +275,7 @@ def _args(tmp_path, **kw):
 
 def test_missing_environment_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RTDETR_PARITY_JITTOR_PYTHON", raising=False)
-    rc = R.run_stage(_args(tmp_path, jittor_python=str(tmp_path / "no" / "python")))
+    rc = R.run(_args(tmp_path, jittor_python=str(tmp_path / "no" / "python")))
     err = capsys.readouterr().err
     assert rc == 2
     assert "jittor environment missing" in err and "[jittor]" in err
@@ -284,17 +284,17 @@ def test_missing_environment_exit_2(tmp_path, capsys, monkeypatch):
 
 def test_missing_environment_via_env_var(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RTDETR_PARITY_TORCH_PYTHON", str(tmp_path / "nothing"))
-    rc = R.run_stage(_args(tmp_path))
+    rc = R.run(_args(tmp_path))
     assert rc == 2 and "RTDETR_PARITY_TORCH_PYTHON" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
-    assert R.run_stage(_args(tmp_path, config="nope")) == 2
+    assert R.run(_args(tmp_path, config="nope")) == 2
     assert "unknown preset" in capsys.readouterr().err
-    assert R.run_stage(_args(tmp_path, inject_fault=["weight:not.a.weight:scale=2"])) == 2
+    assert R.run(_args(tmp_path, inject_fault=["weight:not.a.weight:scale=2"])) == 2
     assert "no weight named" in capsys.readouterr().err
-    assert R.run_stage(_args(tmp_path, stage="train")) == 2
-    assert R.run_stage(_args(tmp_path, batch_size=0)) == 2
+    assert R.run(_args(tmp_path, stage="train")) == 2
+    assert R.run(_args(tmp_path, batch_size=0)) == 2
 
 
 def test_stale_passing_result_is_removed_on_error(tmp_path, capsys):
@@ -308,7 +308,7 @@ def test_stale_passing_result_is_removed_on_error(tmp_path, capsys):
     fake = tmp_path / "fakepy"
     fake.write_text("#!/bin/sh\necho 'no python here' >&2\nexit 3\n")
     fake.chmod(0o755)
-    rc = R.run_stage(_args(tmp_path, jittor_python=str(fake), torch_python=torch_py))
+    rc = R.run(_args(tmp_path, jittor_python=str(fake), torch_python=torch_py))
     assert rc == 2
     res = json.loads((out / "result.json").read_text())
     assert res["status"] == "error" and res["passed"] is False and res["error"]["side"] == "jittor"
@@ -320,7 +320,7 @@ def test_stale_result_removed_even_on_early_error(tmp_path, capsys):
     out.mkdir()
     (out / "result.json").write_text(json.dumps({"status": "pass", "passed": True}))
     (out / "summary.md").write_text("PASS")
-    rc = R.run_stage(_args(tmp_path, jittor_python=str(tmp_path / "missing")))
+    rc = R.run(_args(tmp_path, jittor_python=str(tmp_path / "missing")))
     assert rc == 2
     res = json.loads((out / "result.json").read_text())
     assert res["status"] == "error" and res["passed"] is False and "environment missing" in res["error"]["message"]

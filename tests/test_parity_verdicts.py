@@ -13,7 +13,7 @@ from parity.judge import curves
 from parity.judge.outputs_match import OutputsGate, align_batch, outputs_rel
 from parity.judge.thresholds import load_thresholds
 from parity.sides.train import Side
-from parity.commands.train import expected_evals, side_checks
+from parity.judge.train_checks import expected_evals, side_checks
 from parity.judge.train_state import buffer_errors, eval_output_errors
 
 pytestmark = pytest.mark.torch

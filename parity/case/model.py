@@ -10,6 +10,8 @@ from parity.case.folder import CASE_SCHEMA, write_config_and_weights
 from parity.facts import runner_versions
 from parity.fileio import sha256_file, write_json
 
+SEEDED_NOTE = "seeded init (untrained weights): detections are meaningless, only their agreement counts"
+
 
 def write_model_case(case_dir: str, cfg, weights, winfo: Dict[str, Any], *, stage: str, seed: int,
                      extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

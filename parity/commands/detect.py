@@ -6,7 +6,7 @@
 
 Images are read once here (Pillow, EXIF orientation applied, grayscale/RGBA -> RGB) and
 preprocessed with the official validation transform (resize to the config's image size,
-/255); the same float32 tensor goes to each backend's worker (``parity/predict_worker.py``,
+/255); the same float32 tensor goes to each backend's worker (``parity/workers/predict.py``,
 each in its own environment).  Output folder::
 
     raw_<backend>.npz          input, pred_logits, pred_boxes exactly as the backend returned
@@ -29,30 +29,28 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List
 
 import numpy as np
+from rtdetr_core.config import available_presets, load_config
 
 from parity.case.folder import CaseError, make_weights
-from parity.case.model import write_model_case
+from parity.case.images import Categories, coco_results, load_images, load_input, parse_size
+from parity.case.model import SEEDED_NOTE, write_model_case
 from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, WorkerError
-from parity.fileio import (default_out, prepare_out, write_bytes, write_error_result, write_json, write_npz,
-    write_npz as wn)
+from parity.fileio import default_out, prepare_out, write_error_result, write_json, write_npz
 from parity.judge.compare import judge_tensor
 from parity.judge.detmatch import filter_dets, match_detections, summarize
 from parity.judge.outputs_match import align_batch
 from parity.judge.thresholds import ThresholdError, load_thresholds
-from parity.report.draw import chw_to_image, png_bytes, side_by_side
+from parity.report.detect import print_agreement, verdict_line, write_pictures
 from parity.sides.process import BACKENDS, resolve_python, run_interruptible
 from parity.sides.serving import run_workers
 
-
-PROGRESS_EVERY_S = 5.0
-SEEDED_NOTE = "seeded init (untrained weights): detections are meaningless, only their agreement counts"
+OUT_KEYS = ("pred_logits", "pred_boxes", "scores", "labels", "boxes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rtdetr_core.config import available_presets
     p.add_argument("--config", required=True, help=f"preset ({', '.join(available_presets())}) or YAML path")
     p.add_argument("--weights", default=None, help="weights file (official .pth/.pkl, .safetensors, .npz); "
                                                    "default: seeded init (said so in the output)")
@@ -78,149 +76,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
 
 
-# ----------------------------------------------------------------------------------------
-# inputs
-# ----------------------------------------------------------------------------------------
-
-def parse_size(text: Optional[str], default: Sequence[int]) -> Tuple[int, int]:
-    if text is None:
-        h, w = int(default[0]), int(default[1])
-    else:
-        parts = text.lower().replace("*", "x").split("x")
-        try:
-            vals = [int(p) for p in parts]
-        except ValueError:
-            raise UsageError(f"--size {text!r}: expected N or HxW") from None
-        if len(vals) == 1:
-            vals = vals * 2
-        if len(vals) != 2:
-            raise UsageError(f"--size {text!r}: expected N or HxW")
-        h, w = vals
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise UsageError(f"image size {h}x{w}: height and width must be positive multiples of 32")
-    return h, w
-
-
-def load_images(paths: Sequence[str], size_hw: Tuple[int, int]):
-    """-> (batch [N,3,H,W] float32, originals (PIL), orig_sizes [N,2] (h, w))."""
-    from rtdetr_core.data import DataError
-    from rtdetr_core.data.image import read_image, val_transform
-
-    arrays, originals, sizes = [], [], []
-    for p in paths:
-        if os.path.isdir(p):
-            raise UsageError(f"{p}: is a folder, not an image file")
-        try:
-            img = read_image(p, exif="apply")
-        except DataError as e:
-            raise UsageError(str(e)) from None
-        except OSError as e:
-            raise UsageError(f"{p}: cannot read image ({e.strerror or e})") from None
-        originals.append(img)
-        sizes.append((img.size[1], img.size[0]))
-        arrays.append(val_transform(img, size_hw, np.float32))
-    return np.stack(arrays), originals, np.asarray(sizes, dtype=np.int64)
-
-
-def load_input(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: input file not found")
-    try:
-        x = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - numpy raises several types for a bad file
-        raise UsageError(f"{path}: cannot read as .npy ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    if not isinstance(x, np.ndarray):
-        raise UsageError(f"{path}: expected one array (.npy), got an archive")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise UsageError(f"{path}: expected shape [B,3,H,W], got {list(x.shape)}")
-    if x.dtype != np.float32:
-        raise UsageError(f"{path}: expected float32, got {x.dtype}")
-    b, _, h, w = x.shape
-    if b == 0 or h == 0 or w == 0:
-        raise UsageError(f"{path}: empty batch {list(x.shape)}")
-    if h % 32 or w % 32:
-        raise UsageError(f"{path}: H and W must be multiples of 32, got {h}x{w}")
-    if not np.all(np.isfinite(x)):
-        raise UsageError(f"{path}: holds NaN/inf values")
-    return np.ascontiguousarray(x)
-
-
-class Categories:
-    """Labels -> (category id, name); ``None`` id = label without a category (not exported)."""
-
-    def __init__(self, spec: str, num_classes: int):
-        from rtdetr_core.data import CategoryMap, DataError
-        from rtdetr_core.data.coco import load_coco_json
-
-        self.source = spec
-        self.map = None
-        if spec == "auto":
-            spec = "coco" if num_classes == 80 else "none"
-            self.source = f"auto ({spec})"
-        if spec == "coco":
-            self.map = CategoryMap.coco80()
-        elif spec != "none":
-            try:
-                data = load_coco_json(spec)
-                self.map = CategoryMap.from_categories(data["categories"])
-            except (DataError, KeyError, TypeError) as e:
-                raise UsageError(f"--categories {spec}: {e}") from None
-
-    def category(self, label: int) -> Optional[int]:
-        if self.map is None:
-            return int(label)
-        return int(self.map.label_to_category[label]) if 0 <= label < self.map.num_classes else None
-
-    def name(self, label: int) -> str:
-        if self.map is None:
-            return str(int(label))
-        return self.map.names[label] if 0 <= label < self.map.num_classes else f"#{int(label)}"
-
-    def coco_categories(self, num_classes: int) -> List[Dict[str, Any]]:
-        if self.map is None:
-            return [{"id": i, "name": str(i)} for i in range(num_classes)]
-        return [{"id": int(c), "name": n} for c, n in zip(self.map.label_to_category.tolist(), self.map.names)]
-
-
-def coco_results(dets: Dict[str, np.ndarray], image_ids: Sequence[int], cats: Categories,
-                 with_names: bool = True) -> Tuple[List[Dict[str, Any]], int]:
-    """COCO results of stacked detections (scores [N,K], labels [N,K], boxes xyxy [N,K,4]);
-    returns (results, number dropped because their label has no category)."""
-    out: List[Dict[str, Any]] = []
-    dropped = 0
-    for i, img_id in enumerate(image_ids):
-        s = np.asarray(dets["scores"][i], dtype=np.float64)
-        lab = np.asarray(dets["labels"][i]).astype(np.int64)
-        bx = np.asarray(dets["boxes"][i], dtype=np.float64)
-        xywh = np.concatenate([bx[:, :2], bx[:, 2:] - bx[:, :2]], axis=1)
-        for sc, lb, bb in zip(s.tolist(), lab.tolist(), xywh.tolist()):
-            cid = cats.category(lb)
-            if cid is None:
-                dropped += 1
-                continue
-            r = {"image_id": int(img_id), "category_id": cid, "bbox": [float(v) for v in bb], "score": float(sc)}
-            if with_names and cats.map is not None:
-                r["category_name"] = cats.name(lb)
-            out.append(r)
-    return out, dropped
-
-
-# ----------------------------------------------------------------------------------------
-# the command
-# ----------------------------------------------------------------------------------------
-
 def run(args: argparse.Namespace) -> int:
     return run_interruptible(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rtdetr_core.config import load_config
-
-
     t_start = time.perf_counter()
     cfg = load_config(args.config)
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     pythons = {be: resolve_python(be, getattr(args, f"{be}_python")) for be in backends}
+    th, sec = check_options(args)
+    cats = Categories(args.categories, cfg.num_classes)
+    inp = read_inputs(args, cfg)                    # read and preprocessed once, here
+    try:
+        weights, winfo = make_weights(cfg, args.seed, args.weights)
+    except CaseError as e:
+        raise UsageError(str(e)) from None
+    seeded = winfo.get("source") == "seeded"
+    if seeded:
+        winfo = dict(winfo, note=SEEDED_NOTE)
+    out = prepare_out(args.out or default_out("detect", cfg.name), ("result.json", "agreement.json"))
+    base_info = {"command": "detect", "config": cfg.name, "config_digest": cfg.digest(), "backends": backends,
+                 "device": args.device, "dtype": args.dtype}
+    images = inp["images"]
+    print(f"parity detect: config {cfg.name} ({cfg.digest()}), {len(images)} image(s) at {images.shape[2]}x"
+          f"{images.shape[3]}, backends {', '.join(backends)}, device {args.device}, {args.dtype}")
+    print(f"weights: {'SEEDED INIT (seed %d) - untrained, detections are meaningless' % args.seed if seeded else winfo.get('path')}")
+    print(f"output: {out}", flush=True)
+    try:
+        res, info = predict(args, cfg, backends, pythons, inp, weights, winfo, out)
+    except WorkerError as e:
+        write_error_result(out, "result.json", str(e), base_info, side=e.backend, phase=e.phase)
+        print(f"parity: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BaseException as e:
+        write_error_result(out, "result.json", f"{type(e).__name__}: {e}", base_info)
+        raise
+    files = write_outputs(args, cfg, backends, inp, res, winfo, cats, out)
+    passed, raw_cmp, rows, summary_ag = compare(args, backends, inp, res, th, sec)
+    files += write_pictures(out, inp, res, backends, rows, args.conf, cats.name, args.max_side, seeded, winfo)
+    if len(backends) == 2:
+        print_agreement(raw_cmp, rows, args.conf, sec["match_iou"])
+    agreement = {"conf": args.conf, "thresholds": {"outputs": th.get("forward", args.dtype, "outputs").to_dict(), **sec},
+                 "raw_outputs": raw_cmp, "per_image": rows, "summary": summary_ag}
+    write_json(os.path.join(out, "agreement.json"), agreement)
+    files.append("agreement.json")
+    code = EXIT_OK if passed else EXIT_FAIL
+    summary = {
+        "schema": 1, "status": "ok", "command": "detect", "passed": passed, "exit_code": code,
+        "config": cfg.name, "config_digest": cfg.digest(), "weights": winfo, "backends": backends,
+        "device": args.device, "dtype": args.dtype, "conf": args.conf, "categories": cats.source,
+        "input_size": list(images.shape[2:]), "images": [{"id": i, "name": nm, "source": s, "orig_size": hw}
+                                                          for i, nm, s, hw in zip(inp["ids"], inp["names"], inp["sources"],
+                                                                                  inp["orig_sizes"].tolist())],
+        "dropped_without_category": {be: res[be]["dropped"] for be in backends},
+        "agreement": summary_ag, "raw_outputs": raw_cmp,
+        "workers": {be: {"versions": info[be]["ready"].get("versions"), "threads": info[be]["ready"].get("threads"),
+                         "timing": info[be]["ready"].get("timing"), "forward_seconds": info[be]["seconds"],
+                         "peak_rss_mb": info[be]["bye"].get("peak_rss_mb")} for be in backends},
+        "files": files, "elapsed": time.perf_counter() - t_start,
+    }
+    write_json(os.path.join(out, "result.json"), summary)
+    print(verdict_line(summary, sec["min_agreement"], len(files), out, seeded))
+    return code
+
+
+def check_options(args: argparse.Namespace):
     if not 0.0 <= args.conf <= 1.0:
         raise UsageError(f"--conf {args.conf}: must be in [0, 1]")
     if args.batch_size is not None and args.batch_size < 1:
@@ -229,12 +150,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-side {args.max_side}: must be >= 32")
     try:
         th = load_thresholds(args.thresholds)
-        sec = th.section("detect")
+        return th, th.section("detect")
     except ThresholdError as e:
         raise UsageError(str(e)) from None
-    cats = Categories(args.categories, cfg.num_classes)
 
-    # inputs (read and preprocessed once, here)
+
+def read_inputs(args: argparse.Namespace, cfg) -> Dict[str, Any]:
     if args.image:
         size_hw = parse_size(args.size, cfg.train.image_size)
         images, originals, orig_sizes = load_images(args.image, size_hw)
@@ -249,27 +170,15 @@ def _run(args: argparse.Namespace) -> int:
         names = [f"input[{i}]" for i in range(len(images))]
         sources = [f"{os.path.abspath(args.input)}[{i}]" for i in range(len(images))]
     n = len(images)
-    bs = args.batch_size or (n if args.input else min(n, 8))
-    try:
-        weights, winfo = make_weights(cfg, args.seed, args.weights)
-    except CaseError as e:
-        raise UsageError(str(e)) from None
-    seeded = winfo.get("source") == "seeded"
-    if seeded:
-        winfo = dict(winfo, note=SEEDED_NOTE)
+    return {"images": images, "originals": originals, "orig_sizes": orig_sizes, "names": names, "sources": sources,
+            "ids": list(range(1, n + 1)), "bs": args.batch_size or (n if args.input else min(n, 8))}
 
-    out = prepare_out(args.out or default_out("detect", cfg.name), ("result.json", "agreement.json"))
-    base_info = {"command": "detect", "config": cfg.name, "config_digest": cfg.digest(), "backends": backends,
-                 "device": args.device, "dtype": args.dtype}
-    print(f"parity detect: config {cfg.name} ({cfg.digest()}), {n} image(s) at {images.shape[2]}x{images.shape[3]}, "
-          f"backends {', '.join(backends)}, device {args.device}, {args.dtype}")
-    print(f"weights: {'SEEDED INIT (seed %d) - untrained, detections are meaningless' % args.seed if seeded else winfo.get('path')}")
-    print(f"output: {out}", flush=True)
 
+def predict(args, cfg, backends, pythons, inp, weights, winfo, out):
+    """Every batch through every backend's predict worker -> ``({backend: stacked outputs}, worker info)``."""
+    images, orig_sizes, n, bs = inp["images"], inp["orig_sizes"], len(inp["images"]), inp["bs"]
     case_dir = os.path.join(out, ".case")
-    image_ids = list(range(1, n + 1))
-    raw: Dict[str, Dict[str, List[np.ndarray]]] = {be: {k: [] for k in ("pred_logits", "pred_boxes", "scores", "labels", "boxes")}
-                                                   for be in backends}
+    raw: Dict[str, Dict[str, List[np.ndarray]]] = {be: {k: [] for k in OUT_KEYS} for be in backends}
     try:
         write_model_case(case_dir, cfg, weights, winfo, stage="detect", seed=args.seed)
         del weights
@@ -277,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
         def batches():
             for k, s in enumerate(range(0, n, bs)):
                 p = os.path.join(case_dir, f"batch_{k:06d}.npz")
-                wn(p, {"images": images[s:s + bs], "orig_sizes": orig_sizes[s:s + bs]})
+                write_npz(p, {"images": images[s:s + bs], "orig_sizes": orig_sizes[s:s + bs]})
                 yield k, p, len(images[s:s + bs]), n
 
         def on_batch(k, outs):
@@ -288,124 +197,63 @@ def _run(args: argparse.Namespace) -> int:
 
         info = run_workers(backends, pythons, case_dir, batches(), os.path.join(out, "logs"), args.device,
                            args.dtype, args.verbose, on_batch)
-    except WorkerError as e:
-        write_error_result(out, "result.json", str(e), base_info, side=e.backend, phase=e.phase)
-        print(f"parity: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except BaseException as e:
-        write_error_result(out, "result.json", f"{type(e).__name__}: {e}", base_info)
-        raise
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)
+    return {be: {k: np.concatenate(v) for k, v in raw[be].items()} for be in backends}, info
 
-    res = {be: {k: np.concatenate(v) for k, v in raw[be].items()} for be in backends}
+
+def write_outputs(args, cfg, backends, inp, res, winfo, cats, out) -> List[str]:
+    """raw_<backend>.npz, detections_<backend>.json and images.json."""
     files: List[str] = []
     for be in backends:
         write_npz(os.path.join(out, f"raw_{be}.npz"),
-                  {"input": images, "pred_logits": res[be]["pred_logits"], "pred_boxes": res[be]["pred_boxes"],
-                   "orig_sizes": orig_sizes},
+                  {"input": inp["images"], "pred_logits": res[be]["pred_logits"], "pred_boxes": res[be]["pred_boxes"],
+                   "orig_sizes": inp["orig_sizes"]},
                   meta={"backend": be, "config": cfg.name, "config_digest": cfg.digest(), "dtype": args.dtype,
-                        "device": args.device, "weights": winfo, "images": sources})
-        dets, dropped = coco_results(res[be], image_ids, cats)
+                        "device": args.device, "weights": winfo, "images": inp["sources"]})
+        dets, dropped = coco_results(res[be], inp["ids"], cats)
         write_json(os.path.join(out, f"detections_{be}.json"), dets)
         res[be]["dropped"] = dropped
         files += [f"raw_{be}.npz", f"detections_{be}.json"]
     write_json(os.path.join(out, "images.json"), {
         "info": {"description": f"parity detect inputs ({cfg.name})"},
         "images": [{"id": i, "file_name": nm, "height": int(hw[0]), "width": int(hw[1])}
-                   for i, nm, hw in zip(image_ids, names, orig_sizes.tolist())],
+                   for i, nm, hw in zip(inp["ids"], inp["names"], inp["orig_sizes"].tolist())],
         "categories": cats.coco_categories(cfg.num_classes), "annotations": []})
     files.append("images.json")
+    return files
 
-    # comparison
-    passed = True
-    raw_cmp: List[Dict[str, Any]] = []
-    rows: List[Dict[str, Any]] = []
-    summary_ag: Dict[str, Any] = {}
-    if len(backends) == 2:
-        base, cand = "torch", "jittor"
-        gth = th.get("forward", args.dtype, "outputs")
-        keys = ("pred_logits", "pred_boxes")
-        c_raw, b_raw = {k: res[cand][k] for k in keys}, {k: res[base][k] for k in keys}
-        es = [judge_tensor(k, "outputs", c_raw[k], b_raw[k], th=gth) for k in keys]
-        flip = None
-        if not all(e["passed"] for e in es):
-            # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary) a
-            # few queries: pair them (parity/outputs_match.py), report the flip, judge the rest
-            c_al, b_al, flip = align_batch(c_raw, b_raw)
-            if flip is not None:
-                es = [judge_tensor(k, "outputs", c_al[k], b_al[k], th=gth) for k in keys]
-        for e in es:
-            raw_cmp.append({k: e[k] for k in ("name", "passed", "rule", "err", "cos", "shape", "threshold")
-                            if k in e} | {"max_abs": e["errors"]["cand_base"]["max_abs"],
-                                          **({"reason": e["reason"]} if "reason" in e else {}),
-                                          **({"tie_flip": flip} if flip else {})})
-            passed &= bool(e["passed"])
-        for i in range(n):
-            b = filter_dets({k: res[base][k][i] for k in ("scores", "labels", "boxes")}, args.conf)
-            c = filter_dets({k: res[cand][k][i] for k in ("scores", "labels", "boxes")}, args.conf)
-            r = match_detections(b, c, sec["match_iou"])
-            r = {"image": names[i], "image_id": image_ids[i], **r}
-            rows.append(r)
-        summary_ag = summarize(rows)
-        if rows and summary_ag["min_agreement"] < sec["min_agreement"]:
-            passed = False
 
-    # pictures
-    name_of = cats.name
-    footer = "weights: seeded init (untrained)" if seeded else f"weights: {os.path.basename(str(winfo.get('path')))}"
-    pngs = []
-    for i in range(n):
-        img = originals[i] if originals[i] is not None else chw_to_image(images[i])
-        panels = [(be, {k: res[be][k][i] for k in ("scores", "labels", "boxes")}) for be in backends]
-        ft = footer
-        if rows:
-            r = rows[i]
-            ft += (f" | matched {r['matched']}/{max(r['n_base'], r['n_cand'])}, mean IoU {r['mean_iou']:.4f}, "
-                   f"max |dscore| {r['max_score_diff']:.2g}")
-        stem = os.path.splitext(names[i])[0].replace("[", "_").replace("]", "").replace(os.sep, "_")
-        fn = f"{i:03d}_{stem}.png"
-        write_bytes(os.path.join(out, fn), png_bytes(side_by_side(img, panels, args.conf, name_of, max_side=args.max_side, footer=ft)))
-        pngs.append(fn)
-    files += pngs
-
-    # print + write
-    if len(backends) == 2:
-        print()
-        print("raw outputs (jittor vs torch, forward thresholds):")
-        for e in raw_cmp:
-            print(f"  {e['name']:<12} rel_l2 {e['err']:.3g}  max_abs {e['max_abs']:.3g}  "
-                  f"{'PASS (' + str(e['rule']) + ')' if e['passed'] else 'FAIL: ' + e.get('reason', '')}")
-        w = max(12, max(len(r["image"]) for r in rows))
-        print(f"\ndetections >= {args.conf:g} (IoU >= {sec['match_iou']:g} to match):")
-        print(f"  {'image':<{w}}  torch  jittor  matched  mean IoU  max |dscore|  labels  agreement")
-        for r in rows:
-            print(f"  {r['image']:<{w}}  {r['n_base']:5d}  {r['n_cand']:6d}  {r['matched']:7d}  {r['mean_iou']:8.4f}  "
-                  f"{r['max_score_diff']:12.3g}  {r['label_agreement']:6.3f}  {r['agreement']:9.3f}")
-    agreement = {"conf": args.conf, "thresholds": {"outputs": th.get("forward", args.dtype, "outputs").to_dict(), **sec},
-                 "raw_outputs": raw_cmp, "per_image": rows, "summary": summary_ag}
-    write_json(os.path.join(out, "agreement.json"), agreement)
-    files.append("agreement.json")
-    code = EXIT_OK if passed else EXIT_FAIL
-    summary = {
-        "schema": 1, "status": "ok", "command": "detect", "passed": passed, "exit_code": code,
-        "config": cfg.name, "config_digest": cfg.digest(), "weights": winfo, "backends": backends,
-        "device": args.device, "dtype": args.dtype, "conf": args.conf, "categories": cats.source,
-        "input_size": list(images.shape[2:]), "images": [{"id": i, "name": nm, "source": s, "orig_size": hw}
-                                                          for i, nm, s, hw in zip(image_ids, names, sources,
-                                                                                  orig_sizes.tolist())],
-        "dropped_without_category": {be: res[be]["dropped"] for be in backends},
-        "agreement": summary_ag, "raw_outputs": raw_cmp,
-        "workers": {be: {"versions": info[be]["ready"].get("versions"), "threads": info[be]["ready"].get("threads"),
-                         "timing": info[be]["ready"].get("timing"), "forward_seconds": info[be]["seconds"],
-                         "peak_rss_mb": info[be]["bye"].get("peak_rss_mb")} for be in backends},
-        "files": files, "elapsed": time.perf_counter() - t_start,
-    }
-    write_json(os.path.join(out, "result.json"), summary)
-    verdict = "PASS" if passed else "FAIL"
-    if len(backends) == 2:
-        print(f"\n{verdict}: raw outputs {'agree' if all(e['passed'] for e in raw_cmp) else 'DIFFER'}; "
-              f"detections: mean agreement {summary_ag.get('mean_agreement', 1.0):.3f} "
-              f"(min {summary_ag.get('min_agreement', 1.0):.3f}, threshold {sec['min_agreement']:g})")
-    print(f"wrote {len(files)} files to {out}" + (" (weights: seeded init)" if seeded else ""))
-    return code
+def compare(args, backends, inp, res, th, sec):
+    """Raw outputs judged with the forward thresholds (a top-k tie flip paired first), and the
+    detections of every image matched -> ``(passed, raw_cmp, rows, summary)``."""
+    passed, raw_cmp, rows, summary_ag = True, [], [], {}
+    if len(backends) != 2:
+        return passed, raw_cmp, rows, summary_ag
+    base, cand = "torch", "jittor"
+    gth = th.get("forward", args.dtype, "outputs")
+    keys = ("pred_logits", "pred_boxes")
+    c_raw, b_raw = {k: res[cand][k] for k in keys}, {k: res[base][k] for k in keys}
+    es = [judge_tensor(k, "outputs", c_raw[k], b_raw[k], th=gth) for k in keys]
+    flip = None
+    if not all(e["passed"] for e in es):
+        # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary) a
+        # few queries: pair them (parity/judge/outputs_match.py), report the flip, judge the rest
+        c_al, b_al, flip = align_batch(c_raw, b_raw)
+        if flip is not None:
+            es = [judge_tensor(k, "outputs", c_al[k], b_al[k], th=gth) for k in keys]
+    for e in es:
+        raw_cmp.append({k: e[k] for k in ("name", "passed", "rule", "err", "cos", "shape", "threshold")
+                        if k in e} | {"max_abs": e["errors"]["cand_base"]["max_abs"],
+                                      **({"reason": e["reason"]} if "reason" in e else {}),
+                                      **({"tie_flip": flip} if flip else {})})
+        passed &= bool(e["passed"])
+    for i in range(len(inp["images"])):
+        b = filter_dets({k: res[base][k][i] for k in ("scores", "labels", "boxes")}, args.conf)
+        c = filter_dets({k: res[cand][k][i] for k in ("scores", "labels", "boxes")}, args.conf)
+        r = match_detections(b, c, sec["match_iou"])
+        rows.append({"image": inp["names"][i], "image_id": inp["ids"][i], **r})
+    summary_ag = summarize(rows)
+    if rows and summary_ag["min_agreement"] < sec["min_agreement"]:
+        passed = False
+    return passed, raw_cmp, rows, summary_ag

@@ -25,6 +25,7 @@ printed and written for people in parity/run_summary.py.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -59,6 +60,23 @@ def _check_side(j: Job, manifest: Dict[str, Any]) -> None:
     if j.meta.get("dtype") != j.dtype or j.meta.get("backend") != j.backend:
         raise RunError(f"the {j.backend} side reported {j.meta.get('backend')} {j.meta.get('dtype')}, "
                        f"expected {j.backend} {j.dtype}", side=j.backend, cause="protocol")
+
+
+# the options of this stage beyond the shared ones (parity/cli/args.py)
+RUN_GROUPS = ("faults", "reference")
+RUN_DEFAULTS = {"share_decisions": False, "float64_budget": 1800.0, "keep_arrays": False, "candidate_backend": "jittor"}
+
+
+def add_run_arguments(rp: argparse.ArgumentParser) -> None:
+    rp.add_argument("--share-decisions", action="store_true", default=None,
+                    help="feed PyTorch's top-k selection and matches to the Jittor side")
+    rp.add_argument("--float64-budget", type=float, metavar="SECONDS",
+                    help="--dtype both: skip the Jittor float64 run when its estimate exceeds this; the "
+                         "verdict is then float32 only and provisional (default 1800; 0 = never skip)")
+    rp.add_argument("--keep-arrays", action="store_true", default=None,
+                    help="keep the workers' result arrays (<out>/work/*.npz) after comparing")
+    # harness self-test: compare torch against torch (expects exact agreement)
+    rp.add_argument("--candidate-backend", choices=["jittor", "torch"], help=argparse.SUPPRESS)
 
 
 # Jittor float64 / PyTorch float64 wall time, worst measured on CPU (parity-r50vd grad at
@@ -119,7 +137,7 @@ def _write_error(out: Optional[str], base: Dict[str, Any], err: RunError) -> Non
     write_text(os.path.join(out, "summary.md"), summary_markdown(res))
 
 
-def run_stage(args) -> int:
+def run(args) -> int:
     """``parity run --stage forward|grad`` (see the module docstring).  Returns the exit code."""
     from rtdetr_core.config import ConfigError, load_config
 
@@ -136,7 +154,7 @@ def run_stage(args) -> int:
                 if os.path.isfile(p):
                     os.unlink(p)
         if stage not in STAGES:
-            raise RunError(f"--stage {stage}: not handled by run_stage (forward, grad)")
+            raise RunError(f"--stage {stage}: not handled by parity.commands.forward (forward, grad)")
         try:
             cfg = load_config(opt(args, "config", "smoke"))
         except ConfigError as e:

@@ -93,15 +93,15 @@ class Thresholds:
         return _train_section(self.path, self.data)
 
 
-def _num(path: str, key: str, v: Any) -> float:
+def _num(path: str, key: str, v: Any, lo: float = 0.0) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}")
     try:
         f = float(v)
     except ValueError:
         raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}") from None
-    if not math.isfinite(f) or f < 0:
-        raise ThresholdError(f"{path}: key '{key}': must be a finite number >= 0, got {v!r}")
+    if not math.isfinite(f) or f < lo:
+        raise ThresholdError(f"{path}: key '{key}': must be a finite number >= {lo:g}, got {v!r}")
     return f
 
 
@@ -234,22 +234,11 @@ def _train_section(path: str, data: Any) -> TrainThresholds:
     if not isinstance(sec, dict):
         raise ThresholdError(f"{path}: key 'train': missing or not a mapping")
 
-    def num(key, v, lo=0.0):
-        if isinstance(v, bool):
-            raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}")
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ThresholdError(f"{path}: key '{key}': expected a number, got {v!r}") from None
-        if not math.isfinite(f) or f < lo:
-            raise ThresholdError(f"{path}: key '{key}': must be a finite number >= {lo:g}, got {v!r}")
-        return f
-
     for k in sec:
         if k not in ("lockstep_rel", "final_window", "float32", "float64"):
             raise ThresholdError(f"{path}: key 'train.{k}': unknown (allowed: lockstep_rel, final_window, float32, float64)")
-    lockstep_rel = num("train.lockstep_rel", sec.get("lockstep_rel", DEFAULT_LOCKSTEP_REL))
-    window = int(num("train.final_window", sec.get("final_window", DEFAULT_WINDOW), 1))
+    lockstep_rel = _num(path, "train.lockstep_rel", sec.get("lockstep_rel", DEFAULT_LOCKSTEP_REL))
+    window = int(_num(path, "train.final_window", sec.get("final_window", DEFAULT_WINDOW), 1))
     table: Dict[str, Dict[str, TrainRule]] = {}
     for dt in ("float32", "float64"):
         dd = sec.get(dt)
@@ -272,8 +261,8 @@ def _train_section(path: str, data: Any) -> TrainThresholds:
                     raise ThresholdError(f"{path}: key '{where}.min': required")
             elif "max" not in r:
                 raise ThresholdError(f"{path}: key '{where}.max': required")
-            table[dt][c] = TrainRule(max=num(f"{where}.max", r["max"]) if "max" in r else None,
-                                     min=num(f"{where}.min", r["min"]) if "min" in r else None,
-                                     k=num(f"{where}.k", r["k"]) if "k" in r else None,
-                                     allowance=num(f"{where}.allowance", r.get("allowance", 0.0)))
+            table[dt][c] = TrainRule(max=_num(path, f"{where}.max", r["max"]) if "max" in r else None,
+                                     min=_num(path, f"{where}.min", r["min"]) if "min" in r else None,
+                                     k=_num(path, f"{where}.k", r["k"]) if "k" in r else None,
+                                     allowance=_num(path, f"{where}.allowance", r.get("allowance", 0.0)))
     return TrainThresholds(path=os.path.abspath(path), lockstep_rel=lockstep_rel, window=window, table=table)
