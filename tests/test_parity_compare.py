@@ -9,6 +9,7 @@ import pytest
 
 from parity.fileio import jsonable
 from parity.judge import compare as C
+from parity.judge import summary as S
 from parity.judge.thresholds import DEFAULT_PATH, GroupThreshold, ThresholdError, load_thresholds
 from parity.report.forward import describe_divergence
 
@@ -151,13 +152,13 @@ def test_first_divergence_and_last_passing():
     for i, n in enumerate(names):
         cand = x * (1 + (4e-2 if i >= 3 else 1e-12 * (i + 1)))
         entries.append(C.judge_tensor(n, "intermediates", cand, x, None, th))
-    fd = C.first_divergence(entries)
+    fd = S.first_divergence(entries)
     assert fd["module"] == "decoder.decoder.layers.3"
     assert fd["last_passing"] == "decoder.decoder.layers.2"
     assert fd["upstream_max_err"] < 1e-10 and fd["n_failed"] == 2
     s = describe_divergence(fd)
     assert s.startswith("first divergence: decoder.decoder.layers.3") and "upstream all <=" in s
-    assert C.first_divergence(entries[:3]) == {}
+    assert S.first_divergence(entries[:3]) == {}
 
 
 def test_first_divergence_looks_upstream_within_one_forward_pass():
@@ -172,12 +173,12 @@ def test_first_divergence_looks_upstream_within_one_forward_pass():
             e["mode"] = mode
             entries.append(e)
     assert entries[0]["passed"] and entries[1]["passed"] and not entries[3]["passed"]
-    fd = C.first_divergence(entries)
+    fd = S.first_divergence(entries)
     assert fd["name"] == "train.encoder.outputs.0"
     assert fd["upstream_max_err"] < 1e-11          # the eval pass's 1e-10 is not upstream of it
     for e in entries:
         del e["mode"]                               # entries without a mode: everything before counts
-    assert C.first_divergence(entries)["upstream_max_err"] > 1e-11
+    assert S.first_divergence(entries)["upstream_max_err"] > 1e-11
 
 
 @pytest.mark.parametrize("param,module", [
@@ -190,7 +191,7 @@ def test_first_divergence_looks_upstream_within_one_forward_pass():
     ("decoder.denoising_class_embed.weight", "decoder.denoising_class_embed"),
 ])
 def test_module_of(param, module):
-    assert C.module_of(param) == module
+    assert S.module_of(param) == module
 
 
 def test_by_module_worst_first():
@@ -199,7 +200,7 @@ def test_by_module_worst_first():
     es = [C.judge_tensor("grad.a.0.w", "grads", x * (1 + 1e-5), x, None, th, module="a.0"),
           C.judge_tensor("grad.b.1.w", "grads", x * (1 + 1e-2), x, None, th, module="b.1"),
           C.judge_tensor("grad.b.1.v", "grads", x * (1 + 1e-6), x, None, th, module="b.1")]
-    mods = C.by_module(es)
+    mods = S.by_module(es)
     assert [m["module"] for m in mods] == ["b.1", "a.0"]
     assert mods[0]["failed"] == 1 and mods[0]["worst_name"] == "grad.b.1.w" and mods[0]["n"] == 2
 

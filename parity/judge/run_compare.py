@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from parity.fileio import read_npz_meta
-from parity.judge import compare as C, decisions as D
+from parity.judge import compare as C, decisions as D, summary as S
 
 
 GROUP_ORDER = ("intermediates", "outputs", "train_intermediates", "train_outputs", "train_buffers", "decisions",
@@ -104,9 +104,9 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
     if stage == "forward" and mb.get("order", {}).get("train/buffers"):
         # BatchNorm running statistics after the train-mode pass, judged on their update
         for n in mb["order"]["train/buffers"]:
-            one(f"train/buf/{n}", f"train.buffer.{n}", "train_buffers", module="train." + C.module_of(n),
+            one(f"train/buf/{n}", f"train.buffer.{n}", "train_buffers", module="train." + S.module_of(n),
                 prior=None if before is None else before.get(n), mode="train")
-        extras("train/buffers", "train_buffers", lambda n: f"train.buffer.{n}", lambda n: "train." + C.module_of(n),
+        extras("train/buffers", "train_buffers", lambda n: f"train.buffer.{n}", lambda n: "train." + S.module_of(n),
                "train")
     if stage == "grad":
         # 2. the matching costs (continuous: a wrong cost term may leave every assignment of a
@@ -135,17 +135,17 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
         extras("matches", "decisions", lambda n: f"matches.{n}", lambda n: "matcher")
         # 4. gradients (backward order)
         for n in _grad_order(mb.get("order", {}).get("grads", [])):
-            one(f"grad/{n}", f"grad.{n}", "grads", module=C.module_of(n))
+            one(f"grad/{n}", f"grad.{n}", "grads", module=S.module_of(n))
         # the total gradient norm clip_grad_norm saw in train_step (a gradient quantity)
         one("step_grad_norm", "grad.total_norm", "grads", module="optimizer")
-        extras("grads", "grads", lambda n: f"grad.{n}", C.module_of)
+        extras("grads", "grads", lambda n: f"grad.{n}", S.module_of)
         # 5. parameters (and BN statistics) after one optimiser step
         for n in mb.get("order", {}).get("step", []):
-            one(f"step/{n}", f"step.{n}", "step", module=C.module_of(n),
+            one(f"step/{n}", f"step.{n}", "step", module=S.module_of(n),
                 prior=None if before is None else before.get(n))
             if not entries[-1]["passed"] and zr is not None and before is not None and n in before:
                 _near_zero_gradient(entries[-1], n, zb, zc, zr, before[n])
-        extras("step", "step", lambda n: f"step.{n}", C.module_of)
+        extras("step", "step", lambda n: f"step.{n}", S.module_of)
     zb.close()
     zc.close()
     if zr is not None:
@@ -251,11 +251,11 @@ def decisions_agree(base_path: str, cand_path: str) -> bool:
 
 def build_result(stage, dtype, entries, labels) -> Dict[str, Any]:
     present = [g for g in GROUP_ORDER if any(e["group"] == g for e in entries)]
-    groups = C.group_summary(entries, present)
-    fd = C.first_divergence(entries)
+    groups = S.group_summary(entries, present)
+    fd = S.first_divergence(entries)
     res: Dict[str, Any] = {"labels": labels, "groups": groups, "first_divergence": fd or None}
     grads = [e for e in entries if e["group"] == "grads"]
     if grads:
-        res["grads_by_module"] = C.by_module(grads)
-        res["grads_worst_first"] = [e["name"] for e in sorted(grads, key=C.severity, reverse=True)]
+        res["grads_by_module"] = S.by_module(grads)
+        res["grads_worst_first"] = [e["name"] for e in sorted(grads, key=S.severity, reverse=True)]
     return res

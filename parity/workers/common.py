@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, TextIO
 import numpy as np
 
 from parity.case.folder import Case, CaseError
-from parity.fileio import jsonable
+from parity.fileio import jsonable, write_json
 
 
 EXIT_OK, EXIT_CRASH, EXIT_ENV, EXIT_INPUT = 0, 1, 3, 4
@@ -167,14 +167,39 @@ def load_model(mod, backend: str, case_dir: str, dtype: str, device: str, timing
     return adapter, case
 
 
+def failure(e: BaseException, phase: str):
+    """``(phase, exit code, one-line message)`` of the exception that ends a worker."""
+    if isinstance(e, WorkerFailure):
+        return e.phase, e.code, str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return phase, 130, "interrupted"
+    return phase, EXIT_CRASH, one_line(e, 800)
+
+
+def report_failure(e: BaseException, phase: str, who: str, error_file: Optional[str], head: Dict[str, Any],
+                   tail: Dict[str, Any], t0: float) -> int:
+    """A one-shot worker's failure: one line (+ the traceback of a crash) on stderr and the
+    error file the runner reads (``head``, the failure, ``tail``, memory, time); the exit code."""
+    if isinstance(e, SystemExit):
+        raise e
+    phase, code, msg = failure(e, phase)
+    tb = traceback.format_exc()
+    print(f"{who} failed in phase '{phase}': {msg}", file=sys.stderr)
+    if code == EXIT_CRASH:
+        print(tb, file=sys.stderr)
+    if error_file:
+        try:
+            write_json(error_file, {**head, "phase": phase, "exit_code": code, "type": type(e).__name__,
+                                    "message": msg, "traceback": tb, **tail, "peak_rss_mb": peak_rss_mb(),
+                                    "elapsed": time.perf_counter() - t0})
+        except OSError:
+            pass
+    return code
+
+
 def fail_event(backend: str, phase: str, e: BaseException) -> int:
     """Report an exception as an ``error`` event (+ traceback on stderr); return the exit code."""
-    if isinstance(e, WorkerFailure):
-        phase, code, msg = e.phase, e.code, str(e)
-    elif isinstance(e, KeyboardInterrupt):
-        code, msg = 130, "interrupted"
-    else:
-        code, msg = EXIT_CRASH, one_line(e, 800)
+    phase, code, msg = failure(e, phase)
     print(f"{__name__} [{backend}] failed in phase '{phase}': {msg}", file=sys.stderr)
     if code == EXIT_CRASH:
         traceback.print_exc(file=sys.stderr)

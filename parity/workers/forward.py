@@ -41,7 +41,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -51,7 +50,8 @@ from parity.case.contract import read_decisions
 from parity.case.faults import FaultError, parse_faults
 from parity.case.folder import Case, CaseError
 from parity.fileio import write_json, write_npz
-from parity.workers.common import EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, import_backend, peak_rss_mb
+from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, import_backend, peak_rss_mb,
+    report_failure)
 from parity.workers.faults import apply_config_faults, apply_weight_faults, install_runtime_faults, maybe_crash
 
 
@@ -312,29 +312,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return w.run()
     except BaseException as e:  # noqa: BLE001 - every failure must leave an error file
-        if isinstance(e, WorkerFailure):
-            phase, code, msg = e.phase, e.code, str(e)
-        elif isinstance(e, KeyboardInterrupt):
-            phase, code, msg = w.phase, 130, "interrupted"
-        elif isinstance(e, SystemExit):
-            raise
-        else:
-            phase, code = w.phase, EXIT_CRASH
-            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:800]}"
-        tb = traceback.format_exc()
-        print(f"parity.workers.forward [{args.backend} {args.dtype} {args.task}] failed in phase '{phase}': {msg}",
-              file=sys.stderr)
-        if code == EXIT_CRASH:
-            print(tb, file=sys.stderr)
-        if args.out:
-            try:
-                write_json(args.out + ".error.json", {
-                    "backend": args.backend, "dtype": args.dtype, "task": args.task, "phase": phase,
-                    "exit_code": code, "type": type(e).__name__, "message": msg, "traceback": tb,
-                    "peak_rss_mb": peak_rss_mb(), "elapsed": time.perf_counter() - w.t0})
-            except OSError:
-                pass
-        return code
+        return report_failure(e, w.phase, f"parity.workers.forward [{args.backend} {args.dtype} {args.task}]",
+                              args.out + ".error.json" if args.out else None,
+                              {"backend": args.backend, "dtype": args.dtype, "task": args.task}, {}, w.t0)
 
 
 if __name__ == "__main__":

@@ -48,76 +48,29 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from rtdetr_core.lr_schedule import multistep_factor
 
 from parity.case.faults import FaultError, parse_faults
 from parity.case.train import batch_digest, epoch_file, load_data, read_epoch_streams
-from parity.fileio import atomic_output, jsonable, read_json, sha256_file, write_bytes, write_json, write_npz
+from parity.fileio import jsonable, read_json, write_json
 from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, import_backend,
-    peak_rss_mb, threads_info)
+    peak_rss_mb, report_failure, threads_info)
 from parity.workers.faults import apply_weight_faults, install_runtime_faults, maybe_crash
+from parity.workers.train_files import LOG_SCHEMA, SideFiles, epoch_summary, finite_check, nonfinite_weights
 
 
-LOG_SCHEMA = 1
 NONFINITE_PREFIX = "nonfinite:"
-
-
-# ----------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------
-
-def finite_check(res: Dict[str, Any]) -> Optional[Tuple[str, float]]:
-    """First non-finite value of a train_step result: a loss term (official order), the
-    total, or the gradient norm."""
-    for k, v in res["losses"].items():
-        if not math.isfinite(float(v)):
-            return k, float(v)
-    if not math.isfinite(float(res["total"])):
-        return "total", float(res["total"])
-    if not math.isfinite(float(res["grad_norm"])):
-        return "grad_norm", float(res["grad_norm"])
-    return None
-
-
-def write_npz_exact(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    """Atomic uncompressed npz keeping every array's exact shape (0-d scalars stay 0-d;
-    ``fileio.write_npz`` makes them [1])."""
-    with atomic_output(path) as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-
-
-def nonfinite_weights(adapter) -> List[str]:
-    """Names of floating state entries holding NaN or inf (diagnostics of a non-finite stop)."""
-    return [k for k, v in adapter.export_weights().items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
-
-
-def epoch_summary(records: Sequence[Dict[str, Any]], epoch: int) -> Dict[str, Any]:
-    """Means of every loss term, the total and the grad norm over one epoch's iterations."""
-    recs = [r for r in records if r["epoch"] == epoch]
-    # a batch without boxes gets no denoising, hence no dn terms (as the official criterion):
-    # every term is averaged over the iterations that have it (``counts``)
-    terms: List[str] = []
-    for r in recs:
-        terms += [t for t in r["losses"] if t not in terms]
-    vals = {t: [float(r["losses"][t]) for r in recs if t in r["losses"]] for t in terms}
-    mean = OrderedDict((t, float(np.mean(vals[t]))) for t in terms)
-    counts = OrderedDict((t, len(vals[t])) for t in terms if len(vals[t]) != len(recs))
-    return {"epoch": epoch, "iterations": len(recs), "mean": mean, "term_counts": counts,
-            "mean_total": float(np.mean([float(r["total"]) for r in recs])) if recs else None,
-            "mean_grad_norm": float(np.mean([float(r["grad_norm"]) for r in recs])) if recs else None,
-            "lr": recs[0]["lr"] if recs else None}
 
 
 # ----------------------------------------------------------------------------------------
 # the worker
 # ----------------------------------------------------------------------------------------
 
-class TrainWorker:
+class TrainWorker(SideFiles):
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.t0 = time.perf_counter()
@@ -148,146 +101,26 @@ class TrainWorker:
         mod, self.versions = import_backend(self.args.backend)
         return mod
 
-    def read_case(self) -> None:
-        from rtdetr_core.config import ConfigError, config_from_dict
-        mpath = os.path.join(self.case_dir, "manifest.json")
-        if not os.path.isfile(mpath):
-            raise WorkerFailure("case", EXIT_INPUT, f"{self.case_dir}: not a complete train case (no manifest.json)")
-        self.manifest = read_json(mpath)
-        if self.manifest.get("stage") != "train":
-            raise WorkerFailure("case", EXIT_INPUT, f"{self.case_dir}: case stage {self.manifest.get('stage')!r}, expected 'train'")
-        for name, want in self.manifest["files"].items():
-            p = os.path.join(self.case_dir, name)
-            if not os.path.isfile(p):
-                raise WorkerFailure("case", EXIT_INPUT, f"{p}: case file missing")
-            if sha256_file(p) != want:
-                raise WorkerFailure("case", EXIT_INPUT, f"{p}: case file corrupted (sha256 differs from the manifest)")
-        try:
-            self.cfg = config_from_dict(read_json(os.path.join(self.case_dir, "config.json")),
-                                        src=os.path.join(self.case_dir, "config.json"))
-        except ConfigError as e:
-            raise WorkerFailure("config", EXIT_INPUT, f"config: {e}") from None
-        if self.cfg.digest() != self.manifest["config_digest"]:
-            raise WorkerFailure("config", EXIT_INPUT, f"config mismatch: this side built config digest "
-                                                      f"{self.cfg.digest()}, the case says {self.manifest['config_digest']}")
-        self.plan = self.manifest["plan"]
-
-    def read_safetensors(self, path: str) -> "OrderedDict[str, np.ndarray]":
-        from safetensors.numpy import load_file
-        from rtdetr_core.param_spec import param_spec
-        try:
-            raw = load_file(path)
-        except Exception as e:  # noqa: BLE001 - safetensors has its own error types
-            raise WorkerFailure("weights", EXIT_INPUT, f"{path}: cannot read ({' '.join(str(e).split())[:200]})") from None
-        spec = param_spec(self.cfg)
-        missing = [e.name for e in spec if e.name not in raw]
-        if missing:
-            raise WorkerFailure("weights", EXIT_INPUT, f"{path}: {len(missing)} entries missing, e.g. {missing[0]}")
-        bad = [e.name for e in spec if raw[e.name].size != int(np.prod(e.shape))]
-        if bad:
-            raise WorkerFailure("weights", EXIT_INPUT, f"{path}: {len(bad)} entries with other shapes, e.g. {bad[0]}")
-        # safetensors stores 0-d tensors (num_batches_tracked) as [1]: back to the spec shape
-        return OrderedDict((e.name, np.array(raw[e.name]).reshape(e.shape)) for e in spec)
-
-    def save_safetensors(self, path: str, weights: Dict[str, np.ndarray]) -> None:
-        from safetensors.numpy import save
-        data = save({k: np.ascontiguousarray(v) for k, v in weights.items()},
-                    metadata={"config_digest": self.cfg.digest(), "written_by": "parity.workers.train",
-                              "backend": self.args.backend, "dtype": self.args.dtype})
-        write_bytes(path, data)
-
-    # --- checkpoints -------------------------------------------------------------------------
-    def ckpt_root(self) -> str:
-        return os.path.join(self.dir, "checkpoints")
-
-    def latest_checkpoint(self) -> Optional[str]:
-        best = None
-        for d in sorted(glob.glob(os.path.join(self.ckpt_root(), "epoch_[0-9][0-9][0-9][0-9]"))):
-            if os.path.isfile(os.path.join(d, "state.json")):
-                best = d
-        return best
-
-    def write_checkpoint(self, epoch: int, stream_state_after: Any) -> str:
-        root = self.ckpt_root()
-        final = os.path.join(root, f"epoch_{epoch:04d}")
-        tmp = os.path.join(root, f".epoch_{epoch:04d}.partial")
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-        self.save_safetensors(os.path.join(tmp, "weights.safetensors"), self.adapter.export_weights())
-        write_npz_exact(os.path.join(tmp, "train_state.npz"), self.adapter.export_train_state())
-        state = {"schema": LOG_SCHEMA, "epoch": epoch, "iteration": self.iteration, "backend": self.args.backend,
-                 "dtype": self.args.dtype, "config_digest": self.cfg.digest(),
-                 "stream_state_after": stream_state_after,
-                 "files": {f: sha256_file(os.path.join(tmp, f)) for f in ("weights.safetensors", "train_state.npz")},
-                 "log": {k: self.log[k] for k in ("iterations", "epochs", "evals")}}
-        write_json(os.path.join(tmp, "state.json"), state)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        keep = int(self.plan.get("keep_checkpoints", 0) or 0)
-        if keep > 0:
-            done = sorted(glob.glob(os.path.join(root, "epoch_[0-9][0-9][0-9][0-9]")))
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def load_checkpoint(self, d: str) -> Dict[str, Any]:
-        state = read_json(os.path.join(d, "state.json"))
-        for f, want in state["files"].items():
-            if sha256_file(os.path.join(d, f)) != want:
-                raise WorkerFailure("resume", EXIT_INPUT, f"{d}/{f}: checkpoint file corrupted")
-        if state["config_digest"] != self.cfg.digest() or state["dtype"] != self.args.dtype \
-                or state["backend"] != self.args.backend:
-            raise WorkerFailure("resume", EXIT_INPUT, f"{d}: checkpoint of {state['backend']} {state['dtype']} "
-                                                      f"config {state['config_digest']}, this side is "
-                                                      f"{self.args.backend} {self.args.dtype} {self.cfg.digest()}")
-        self.adapter.load_weights(self.read_safetensors(os.path.join(d, "weights.safetensors")))
-        with np.load(os.path.join(d, "train_state.npz"), allow_pickle=False) as z:
-            ts = OrderedDict((k, z[k]) for k in z.files if k != "__meta__")
-        self.adapter.load_train_state(ts)
-        return state
-
-    # --- evaluation ------------------------------------------------------------------------
-    def evaluate(self, epoch: int) -> None:
-        """Eval-mode forward of the val images (EMA weights when EMA is on); predictions saved
-        for the runner's COCO evaluation."""
-        self.status("eval")
-        t = time.perf_counter()
-        model = self.adapter
-        ema = self.adapter.export_ema_weights() if self.cfg.ema.enabled else None
-        if ema is not None:
-            if self.eval_adapter is None:
-                self.eval_adapter = self.mod.Adapter(self.cfg, dtype=self.args.dtype, device=self.args.device)
-            self.eval_adapter.load_weights(ema)
-            model = self.eval_adapter
-        imgs = self.data["val_images"]
-        bs = int(self.plan["eval_batch_size"])
-        logits, boxes = [], []
-        for s in range(0, len(imgs), bs):
-            out = model.forward(imgs[s:s + bs].astype(self.args.dtype, copy=False))
-            logits.append(np.asarray(out["pred_logits"]))
-            boxes.append(np.asarray(out["pred_boxes"]))
-        arrays = {"pred_logits": np.concatenate(logits), "pred_boxes": np.concatenate(boxes),
-                  "image_ids": self.data["val_ids"], "orig_sizes": self.data["val_orig_sizes"]}
-        write_npz(os.path.join(self.dir, "eval", f"epoch_{epoch:04d}.npz"), arrays,
-                  {"epoch": epoch, "ema": ema is not None, "backend": self.args.backend, "dtype": self.args.dtype})
-        sec = time.perf_counter() - t
-        self.log["evals"].append({"epoch": epoch, "ema": ema is not None, "seconds": sec,
-                                  "file": f"eval/epoch_{epoch:04d}.npz"})
-
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        a = self.args
         os.makedirs(self.dir, exist_ok=True)
-        for stale in ("error.json",):
-            p = os.path.join(self.dir, stale)
-            if os.path.exists(p):
-                os.unlink(p)
-        self.status("import")
+        if os.path.exists(os.path.join(self.dir, "error.json")):
+            os.unlink(os.path.join(self.dir, "error.json"))
+        faults, nonfinite_at = self.setup()
+        start = self.restore(int(self.plan["epochs"]))
+        if start is None:
+            return EXIT_OK
+        maybe_crash(faults)
+        stopped = self.train_epochs(start, nonfinite_at)
+        self.finish(stopped)
+        return EXIT_OK
+
+    def read_faults(self):
+        """``(faults, nonfinite_at)``: the fault specs, and the iteration a ``nonfinite:N`` spec
+        poisons (a test of the non-finite stop)."""
         nonfinite_at = None
         specs = []
-        for s in a.inject_fault or []:
+        for s in self.args.inject_fault or []:
             if s.startswith(NONFINITE_PREFIX):
                 try:
                     nonfinite_at = int(s[len(NONFINITE_PREFIX):])
@@ -301,17 +134,23 @@ class TrainWorker:
             raise WorkerFailure("faults", EXIT_INPUT, str(e)) from None
         if any(f.kind == "config" for f in faults):
             raise WorkerFailure("faults", EXIT_INPUT, "config faults are not supported by the train stage")
+        return faults, nonfinite_at
+
+    def setup(self):
+        """Faults, the backend, the case, the model with the case's weights, the log."""
+        a = self.args
+        self.status("import")
+        faults, nonfinite_at = self.read_faults()
         self.mod = self.import_backend()
         applied = install_runtime_faults(a.backend, faults)
         if a.threads and a.backend == "torch":
-            import torch
+            import torch  # lazy: the torch side only (the Jittor environment has no torch)
             torch.set_num_threads(int(a.threads))
         check_device(a.backend, a.device)
 
         self.status("case")
         self.read_case()
         self.data = load_data(self.case_dir)
-        E = int(self.plan["epochs"])
 
         self.status("build")
         try:
@@ -326,14 +165,21 @@ class TrainWorker:
         except Exception as e:  # noqa: BLE001
             code = EXIT_INPUT if type(e).__name__ == "WeightsError" else EXIT_CRASH
             raise WorkerFailure("weights", code, f"load_weights: {type(e).__name__}: {e}") from None
-        base_lrs = self.adapter.get_lr()      # the config's rates (built before any state is loaded)
+        self.base_lrs = self.adapter.get_lr()      # the config's rates (built before any state is loaded)
 
         self.log: Dict[str, Any] = {
             "schema": LOG_SCHEMA, "backend": a.backend, "side": a.side, "dtype": a.dtype, "device": a.device,
             "config": self.cfg.name, "config_digest": self.cfg.digest(), "status": "running",
-            "epochs_planned": E, "base_lrs": base_lrs, "versions": self.versions, "threads": threads_info(a.backend),
+            "epochs_planned": int(self.plan["epochs"]), "base_lrs": self.base_lrs, "versions": self.versions,
+            "threads": threads_info(a.backend),
             "faults": applied + ([f"nonfinite at iteration {nonfinite_at}"] if nonfinite_at else []),
             "resumed": [], "nonfinite": None, "iterations": [], "epochs": [], "evals": [], "timing": {}}
+        return faults, nonfinite_at
+
+    def restore(self, E: int) -> Optional[int]:
+        """The first epoch to train: 1, or after the newest checkpoint with --resume (None: the
+        side is already complete).  Later artefacts of an earlier run are removed."""
+        a = self.args
         start = 1
         if a.resume:
             self.status("resume")
@@ -343,27 +189,10 @@ class TrainWorker:
                     and os.path.isfile(os.path.join(self.dir, "final.safetensors")):
                 self.status("done", note="already complete")
                 print(f"[{a.side}] already complete ({E} epochs): nothing to do", file=sys.stderr)
-                return EXIT_OK
+                return None
             ck = self.latest_checkpoint()
             if ck is not None:
-                state = self.load_checkpoint(ck)
-                start = int(state["epoch"]) + 1
-                self.iteration = int(state["iteration"])
-                for k in ("iterations", "epochs", "evals"):
-                    self.log[k] = state["log"][k]
-                if prev:
-                    self.log["resumed"] = list(prev.get("resumed", []))
-                    self.prev_wall = float((prev.get("timing") or {}).get("wall_s_total",
-                                                                          (prev.get("timing") or {}).get("wall_s", 0.0)))
-                self.log["resumed"].append({"from_epoch": int(state["epoch"]), "checkpoint": os.path.relpath(ck, self.dir),
-                                            "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                if start <= E:
-                    m0, _ = read_epoch_streams(epoch_file(self.case_dir, start))
-                    if m0["state_before"] != state["stream_state_after"]:
-                        raise WorkerFailure("resume", EXIT_INPUT, f"{ck}: the stream state after epoch {state['epoch']} "
-                                                                  f"differs from the case's epoch {start} streams "
-                                                                  f"(case regenerated with other settings?)")
-                print(f"[{a.side}] resuming from {ck} (epoch {state['epoch']} done)", file=sys.stderr)
+                start = self.resume_from(ck, prev, E)
             else:
                 print(f"[{a.side}] --resume: no checkpoint yet, starting from epoch 1", file=sys.stderr)
                 for d in glob.glob(os.path.join(self.dir, "eval", "*.npz")):
@@ -382,90 +211,129 @@ class TrainWorker:
                 os.unlink(f)
         if os.path.exists(os.path.join(self.dir, "final.safetensors")):
             os.unlink(os.path.join(self.dir, "final.safetensors"))
+        return start
 
-        maybe_crash(faults)
+    def resume_from(self, ck: str, prev: Optional[Dict[str, Any]], E: int) -> int:
+        state = self.load_checkpoint(ck)
+        start = int(state["epoch"]) + 1
+        self.iteration = int(state["iteration"])
+        for k in ("iterations", "epochs", "evals"):
+            self.log[k] = state["log"][k]
+        if prev:
+            self.log["resumed"] = list(prev.get("resumed", []))
+            self.prev_wall = float((prev.get("timing") or {}).get("wall_s_total",
+                                                                  (prev.get("timing") or {}).get("wall_s", 0.0)))
+        self.log["resumed"].append({"from_epoch": int(state["epoch"]), "checkpoint": os.path.relpath(ck, self.dir),
+                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if start <= E:
+            m0, _ = read_epoch_streams(epoch_file(self.case_dir, start))
+            if m0["state_before"] != state["stream_state_after"]:
+                raise WorkerFailure("resume", EXIT_INPUT, f"{ck}: the stream state after epoch {state['epoch']} "
+                                                          f"differs from the case's epoch {start} streams "
+                                                          f"(case regenerated with other settings?)")
+        print(f"[{self.args.side}] resuming from {ck} (epoch {state['epoch']} done)", file=sys.stderr)
+        return start
+
+    def train_epochs(self, start: int, nonfinite_at: Optional[int]) -> bool:
+        """Every planned epoch from ``start`` (the lr of its MultiStepLR step, its iterations, its
+        evaluation and checkpoint); True when stopped on request (--stop-after-epoch)."""
         self.status("train")
-        milestones, gamma = self.plan["lr_milestones"], float(self.plan["lr_gamma"])
-        eval_every, ckpt_every = int(self.plan["eval_every"]), int(self.plan["checkpoint_every"])
-        images_all, targets_all = self.data["train_images"], self.data["train_targets"]
-        stop_after = a.stop_after_epoch
-        stopped = False
+        E = int(self.plan["epochs"])
         for epoch in range(start, E + 1):
             self.epoch = epoch
-            f = multistep_factor(epoch, milestones, gamma)
-            self.adapter.set_lr([b * f for b in base_lrs])
+            f = multistep_factor(epoch, self.plan["lr_milestones"], float(self.plan["lr_gamma"]))
+            self.adapter.set_lr([b * f for b in self.base_lrs])
             meta, its = read_epoch_streams(epoch_file(self.case_dir, epoch))
             t_epoch = time.perf_counter()
             for step, it in enumerate(its):
-                self.iteration += 1
-                self.status("train")
-                idx = it["indices"]
-                images = images_all[idx].astype(a.dtype, copy=False)
-                targets = [targets_all[int(i)] for i in idx]
-                dn, ms = it["dn_draws"], it["multi_scale_size"]
-                if nonfinite_at is not None and self.iteration == nonfinite_at:
-                    w = self.adapter.export_weights()
-                    name = next(n for n in w if n.startswith("decoder.dec_score_head") and n.endswith("bias"))
-                    w[name] = np.full_like(w[name], np.nan)
-                    self.adapter.load_weights(w)
-                t = time.perf_counter()
-                try:
-                    res = self.adapter.train_step(images, targets, dn, multi_scale_size=ms)
-                except Exception as e:  # noqa: BLE001 - a NaN may surface as an error (matcher)
-                    bad_w = nonfinite_weights(self.adapter)
-                    msg = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                    if not bad_w and "nan" not in msg.lower() and "inf" not in msg.lower():
-                        raise
-                    term = "matching cost" if "matching cost" in msg else type(e).__name__
-                    self.log["status"] = "nonfinite"
-                    self.log["nonfinite"] = {"epoch": epoch, "iteration": self.iteration, "step": step,
-                                             "term": term, "value": "error", "error": msg,
-                                             "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
-                    print(f"[{a.side}] non-finite values at iteration {self.iteration} (epoch {epoch}): "
-                          f"{msg}; {len(bad_w)} non-finite weight tensors: stopping this side", file=sys.stderr)
-                    break
-                sec = time.perf_counter() - t
-                rec = {"iteration": self.iteration, "epoch": epoch, "step": step,
-                       "losses": OrderedDict((k, jsonable(float(v))) for k, v in res["losses"].items()),
-                       "total": jsonable(float(res["total"])), "grad_norm": jsonable(float(res["grad_norm"])),
-                       "lr": [float(x) for x in res["lr"]], "multi_scale_size": ms,
-                       "num_boxes": [int(len(tg["labels"])) for tg in targets],
-                       "batch": batch_digest(images_all[idx], targets, dn, ms), "seconds": sec}
-                self.log["iterations"].append(rec)
-                bad = finite_check(res)
-                if bad is not None:
-                    self.log["status"] = "nonfinite"
-                    bad_w = nonfinite_weights(self.adapter)
-                    self.log["nonfinite"] = {"epoch": epoch, "iteration": self.iteration, "step": step,
-                                             "term": bad[0], "value": repr(bad[1]),
-                                             "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
-                    print(f"[{a.side}] non-finite {bad[0]} = {bad[1]} at iteration {self.iteration} "
-                          f"(epoch {epoch}): stopping this side", file=sys.stderr)
+                if not self.train_iteration(epoch, step, it, nonfinite_at):
                     break
             train_s = time.perf_counter() - t_epoch
-            summ = epoch_summary(self.log["iterations"], epoch)
-            summ.update(seconds=train_s, seconds_per_iteration=train_s / max(1, summ["iterations"]),
-                        peak_rss_mb=peak_rss_mb(), complete=self.log["status"] != "nonfinite")
-            if summ["mean_total"] is not None and not math.isfinite(summ["mean_total"]):
-                summ["mean_total"] = jsonable(float(summ["mean_total"]))
-                summ["mean"] = OrderedDict((k, jsonable(float(v))) for k, v in summ["mean"].items())
-                summ["mean_grad_norm"] = jsonable(float(summ["mean_grad_norm"]))
-            self.log["epochs"].append(summ)
+            self.log["epochs"].append(self.epoch_record(epoch, train_s))
             if self.log["status"] == "nonfinite":
                 self.write_log()
                 break
-            if epoch == E or (eval_every > 0 and epoch % eval_every == 0):
-                self.evaluate(epoch)
-            stop_here = stop_after is not None and epoch == stop_after and epoch < E
-            if (ckpt_every > 0 and (epoch % ckpt_every == 0 or epoch == E)) or stop_here:
-                self.status("checkpoint")
-                self.write_checkpoint(epoch, meta["state_after"])
-            self.write_log()
-            print(f"[{a.side}] epoch {epoch}/{E}: mean loss {summ['mean_total']:.6g}, "
-                  f"{train_s:.1f}s", file=sys.stderr)
-            if stop_here:
-                stopped = True
-                break
+            if self.end_epoch(epoch, meta, train_s):
+                return True
+        return False
+
+    def train_iteration(self, epoch: int, step: int, it: Dict[str, Any], nonfinite_at: Optional[int]) -> bool:
+        """One training step on the case's batch; False when a non-finite value stops the side."""
+        a = self.args
+        self.iteration += 1
+        self.status("train")
+        images_all, targets_all = self.data["train_images"], self.data["train_targets"]
+        idx = it["indices"]
+        images = images_all[idx].astype(a.dtype, copy=False)
+        targets = [targets_all[int(i)] for i in idx]
+        dn, ms = it["dn_draws"], it["multi_scale_size"]
+        if nonfinite_at is not None and self.iteration == nonfinite_at:
+            w = self.adapter.export_weights()
+            name = next(n for n in w if n.startswith("decoder.dec_score_head") and n.endswith("bias"))
+            w[name] = np.full_like(w[name], np.nan)
+            self.adapter.load_weights(w)
+        t = time.perf_counter()
+        try:
+            res = self.adapter.train_step(images, targets, dn, multi_scale_size=ms)
+        except Exception as e:  # noqa: BLE001 - a NaN may surface as an error (matcher)
+            bad_w = nonfinite_weights(self.adapter)
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            if not bad_w and "nan" not in msg.lower() and "inf" not in msg.lower():
+                raise
+            term = "matching cost" if "matching cost" in msg else type(e).__name__
+            self.log["status"] = "nonfinite"
+            self.log["nonfinite"] = {"epoch": epoch, "iteration": self.iteration, "step": step,
+                                     "term": term, "value": "error", "error": msg,
+                                     "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
+            print(f"[{a.side}] non-finite values at iteration {self.iteration} (epoch {epoch}): "
+                  f"{msg}; {len(bad_w)} non-finite weight tensors: stopping this side", file=sys.stderr)
+            return False
+        sec = time.perf_counter() - t
+        rec = {"iteration": self.iteration, "epoch": epoch, "step": step,
+               "losses": OrderedDict((k, jsonable(float(v))) for k, v in res["losses"].items()),
+               "total": jsonable(float(res["total"])), "grad_norm": jsonable(float(res["grad_norm"])),
+               "lr": [float(x) for x in res["lr"]], "multi_scale_size": ms,
+               "num_boxes": [int(len(tg["labels"])) for tg in targets],
+               "batch": batch_digest(images_all[idx], targets, dn, ms), "seconds": sec}
+        self.log["iterations"].append(rec)
+        bad = finite_check(res)
+        if bad is not None:
+            self.log["status"] = "nonfinite"
+            bad_w = nonfinite_weights(self.adapter)
+            self.log["nonfinite"] = {"epoch": epoch, "iteration": self.iteration, "step": step,
+                                     "term": bad[0], "value": repr(bad[1]),
+                                     "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
+            print(f"[{a.side}] non-finite {bad[0]} = {bad[1]} at iteration {self.iteration} "
+                  f"(epoch {epoch}): stopping this side", file=sys.stderr)
+            return False
+        return True
+
+    def epoch_record(self, epoch: int, train_s: float) -> Dict[str, Any]:
+        summ = epoch_summary(self.log["iterations"], epoch)
+        summ.update(seconds=train_s, seconds_per_iteration=train_s / max(1, summ["iterations"]),
+                    peak_rss_mb=peak_rss_mb(), complete=self.log["status"] != "nonfinite")
+        if summ["mean_total"] is not None and not math.isfinite(summ["mean_total"]):
+            summ["mean_total"] = jsonable(float(summ["mean_total"]))
+            summ["mean"] = OrderedDict((k, jsonable(float(v))) for k, v in summ["mean"].items())
+            summ["mean_grad_norm"] = jsonable(float(summ["mean_grad_norm"]))
+        return summ
+
+    def end_epoch(self, epoch: int, meta: Dict[str, Any], train_s: float) -> bool:
+        """Evaluation and checkpoint as planned, the log; True when --stop-after-epoch stops here."""
+        E, plan, stop_after = int(self.plan["epochs"]), self.plan, self.args.stop_after_epoch
+        eval_every, ckpt_every = int(plan["eval_every"]), int(plan["checkpoint_every"])
+        if epoch == E or (eval_every > 0 and epoch % eval_every == 0):
+            self.evaluate(epoch)
+        stop_here = stop_after is not None and epoch == stop_after and epoch < E
+        if (ckpt_every > 0 and (epoch % ckpt_every == 0 or epoch == E)) or stop_here:
+            self.status("checkpoint")
+            self.write_checkpoint(epoch, meta["state_after"])
+        self.write_log()
+        print(f"[{self.args.side}] epoch {epoch}/{E}: mean loss {self.log['epochs'][-1]['mean_total']:.6g}, "
+              f"{train_s:.1f}s", file=sys.stderr)
+        return stop_here
+
+    def finish(self, stopped: bool) -> None:
         if self.log["status"] == "running":
             if stopped:
                 self.log["status"] = "stopped"
@@ -478,7 +346,6 @@ class TrainWorker:
         self.log["timing"]["wall_s_total"] = self.prev_wall + wall   # over every invocation (resumes)
         self.write_log()
         self.status("done")
-        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,28 +370,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return w.run()
     except BaseException as e:  # noqa: BLE001 - every failure must leave an error file
-        if isinstance(e, SystemExit):
-            raise
-        if isinstance(e, WorkerFailure):
-            phase, code, msg = e.phase, e.code, str(e)
-        elif isinstance(e, KeyboardInterrupt):
-            phase, code, msg = w.phase, 130, "interrupted"
-        else:
-            phase, code = w.phase, EXIT_CRASH
-            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:800]}"
-        tb = traceback.format_exc()
-        print(f"parity.workers.train [{args.side} {args.backend} {args.dtype}] failed in phase '{phase}': {msg}",
-              file=sys.stderr)
-        if code == EXIT_CRASH:
-            print(tb, file=sys.stderr)
-        try:
-            write_json(os.path.join(w.dir, "error.json"), {
-                "backend": args.backend, "side": args.side, "dtype": args.dtype, "phase": phase, "exit_code": code,
-                "type": type(e).__name__, "message": msg, "traceback": tb, "epoch": w.epoch,
-                "iteration": w.iteration, "peak_rss_mb": peak_rss_mb(), "elapsed": time.perf_counter() - w.t0})
-        except OSError:
-            pass
-        return code
+        return report_failure(e, w.phase, f"parity.workers.train [{args.side} {args.backend} {args.dtype}]",
+                              os.path.join(w.dir, "error.json"),
+                              {"backend": args.backend, "side": args.side, "dtype": args.dtype},
+                              {"epoch": w.epoch, "iteration": w.iteration}, w.t0)
 
 
 if __name__ == "__main__":
