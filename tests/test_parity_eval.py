@@ -82,7 +82,8 @@ def test_perfect_detections_give_ap_1(tmp_path):
     the ground truth itself as detections scores AP 1.0."""
     from rtdetr_core.data import ensure_synthetic_dataset, open_split
 
-    from parity.commands.eval import JsonArrayWriter, coco_results_from, evaluate_file
+    from parity.fileio import JsonArrayWriter
+    from parity.judge.coco import coco_results as coco_results_from, evaluate_file
 
     ds = open_split(ensure_synthetic_dataset(), "val", (128, 128))
     w = JsonArrayWriter(str(tmp_path / "perfect.json"))
@@ -105,7 +106,8 @@ def test_perfect_detections_give_ap_1(tmp_path):
 
 
 def test_result_writer_drops_labels_without_category_and_aborts_cleanly(tmp_path):
-    from parity.commands.eval import JsonArrayWriter, coco_results_from, metric_diffs
+    from parity.fileio import JsonArrayWriter
+    from parity.judge.coco import coco_results as coco_results_from, metric_diffs
 
     dets = {"scores": np.array([[0.9, 0.8, 0.7]]), "labels": np.array([[0, 5, 2]]),
             "boxes": np.array([[[1, 2, 11, 22], [0, 0, 5, 5], [3, 3, 4, 8]]], dtype=np.float64)}

@@ -330,7 +330,7 @@ def test_float64_run_skipped_only_over_budget():
     """--dtype both: the Jittor float64 run is skipped (verdict float32-only, provisional) only
     when its estimate from the PyTorch float64 run exceeds --float64-budget; 0 never skips."""
     from parity.sides.jobs import Job
-    from parity.commands.forward import J64_OVER_T64, _float64_too_long
+    from parity.commands.forward_steps import J64_OVER_T64, float64_too_long as _float64_too_long
     t64 = Job("T64", "ref", "torch", "python", "float64", "grad", "x.npz")
     t64.wall = 100.0
     assert _float64_too_long(t64, 100.0 * J64_OVER_T64 + 1) is None

@@ -307,8 +307,7 @@ def test_curve_metrics_lockstep_and_rules():
 
 def test_param_drift_and_lr_schedule():
     from parity.judge import curves
-    from parity.judge.thresholds import load_thresholds
-    from parity.workers.train import lr_factor
+    from rtdetr_core.lr_schedule import multistep_factor as lr_factor
     w0 = {"a.w": np.zeros(3), "b.w": np.zeros(2)}
     wb = {"a.w": np.array([1.0, 0, 0]), "b.w": np.array([0.0, 1.0])}
     wc = {"a.w": np.array([1.0, 0, 0]), "b.w": np.array([0.0, 1.1])}

@@ -63,7 +63,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from parity.case.folder import CaseError, build_case
-from parity.commands.detect import parse_size
+from parity.case.images import parse_size
 from parity.errors import EXIT_OK, EXIT_USAGE, UsageError, WorkerError
 from parity.facts import host_info
 from parity.fileio import default_out, prepare_out, read_json, write_bytes, write_error_result, write_json, write_text

@@ -33,12 +33,12 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from parity.commands.forward import RunError, resolve_python
 from parity.commands.selftest_patch import (Bug, PatchError, Run, apply_patch, check_patches, copy_repo, load_bugs,
     localised, run_in)
-from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, RunError
 from parity.facts import repo_root
 from parity.fileio import write_json, write_text
+from parity.sides.process import resolve_python
 
 
 NONSQUARE_HW = (96, 160)         # the smoke preset's own input size (H x W)
