@@ -61,6 +61,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+from rtdetr_core.config import available_presets, config_from_dict, load_config
 
 from parity.case.folder import CaseError, build_case
 from parity.case.images import parse_size
@@ -77,7 +78,6 @@ BENCH_SCHEMA = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rtdetr_core.config import available_presets
     p.add_argument("--config", required=True, nargs="+",
                    help=f"preset(s) ({', '.join(available_presets())}) or YAML path(s); several -> one table")
     p.add_argument("--size", default=None, help="input size N or HxW, multiples of 32 (default: each config's "
@@ -167,7 +167,6 @@ def measures_of(results: Dict[str, Dict[str, Dict[str, Any]]], modes: Sequence[s
 
 def _bench_config(cfg, size_hw):
     """The config with ``train.image_size`` = the bench size and no multi-scale."""
-    from rtdetr_core.config import config_from_dict
     d = cfg.to_dict()
     d["train"]["image_size"] = [int(size_hw[0]), int(size_hw[1])]
     d["train"]["multi_scale"] = None
@@ -237,41 +236,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rtdetr_core.config import load_config
-
-
     t_start = time.perf_counter()
-    cfgs = [load_config(c) for c in args.config]
-    backends = ["torch", "jittor"] if args.backend == "both" else [args.backend]
-    pythons = {be: resolve_python(be, getattr(args, f"{be}_python")) for be in backends}
-    modes = ["eval", "train"] if args.mode == "both" else [args.mode]
-    for opt, v, lo in (("--batch", args.batch, 1), ("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0)):
-        if v < lo:
-            raise UsageError(f"{opt} {v}: must be >= {lo}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads {args.threads}: must be >= 1")
-    if args.profile and "jittor" not in backends:
-        raise UsageError("--profile uses Jittor's profiler: run the jittor backend")
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise UsageError(f"weights: {args.weights}: file not found")
-    sizes = [parse_size(args.size, c.train.image_size) for c in cfgs]
-
-    # cases first (bad weights / data fail before any output folder exists)
+    cfgs, backends, pythons, modes, sizes = check_options(args)
     host = host_info()
     tmp = tempfile.mkdtemp(prefix="parity-bench-")
     out = None
     try:
-        cases = []
-        for cfg, size in zip(cfgs, sizes):
-            bcfg = _bench_config(cfg, size)
-            cdir = os.path.join(tmp, f"case_{len(cases)}")
-            try:
-                man = build_case(cdir, bcfg, stage="grad", batch_size=args.batch, seed=args.seed,
-                                 weights_path=args.weights)
-            except CaseError as e:
-                raise UsageError(str(e)) from None
-            cases.append((cfg, bcfg, size, cdir, man))
-
+        cases = build_cases(args, cfgs, sizes, tmp)     # bad weights / data fail before any output folder exists
         name = cfgs[0].name if len(cfgs) == 1 else "+".join(c.name for c in cfgs)
         out = prepare_out(args.out or default_out("bench", name), ("bench.json", "error.json", "bench.md", "bench.png"))
         env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
@@ -279,27 +250,7 @@ def _run(args: argparse.Namespace) -> int:
               f"modes {', '.join(modes)}, {args.repeat} timed call(s) after {args.warmup} warm-up, device "
               f"{args.device}, {args.dtype}; backends {'one after the other' if args.sequential else 'interleaved call by call'}")
         print(f"output: {out}", flush=True)
-
-        runs = []
-        for cfg, bcfg, size, cdir, man in cases:
-            results: Dict[str, Dict[str, Dict[str, Any]]] = {m: {} for m in modes}
-            info: Dict[str, Dict[str, Any]] = {}
-            profiles: Dict[str, Any] = {}
-            for mode in modes:
-                res_mode, prof = bench_mode(cfg.name, cdir, mode, backends, pythons, args, out, env)
-                results[mode] = res_mode
-                for be, res in res_mode.items():
-                    info[be] = {"versions": res.get("versions", {}), "threads": res.get("threads", {}),
-                                "device": res.get("device")}
-                if prof is not None:
-                    profiles[mode] = prof
-            runr = {"config": cfg.name, "config_digest": cfg.digest(), "size": list(size), "batch": args.batch,
-                    "weights": man["weights"], "data": {k: man["data"][k] for k in ("split", "image_ids", "num_boxes")},
-                    "backends": info, "measures": measures_of(results, modes, backends, args.device)}
-            if profiles:
-                runr["profile"] = profiles
-            runs.append(runr)
-
+        runs = [bench_config(args, case, modes, backends, pythons, out, env) for case in cases]
         doc = {"schema": BENCH_SCHEMA, "kind": "parity-bench",
                "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "command": ["parity", "bench"] + _argv_of(args),
@@ -308,8 +259,7 @@ def _run(args: argparse.Namespace) -> int:
                             "warmup": args.warmup, "threads": args.threads, "modes": modes, "backends": backends,
                             "interleaved": not args.sequential},
                "runs": runs, "elapsed": time.perf_counter() - t_start}
-        md = render_md(doc)
-        write_text(os.path.join(out, "bench.md"), md)
+        write_text(os.path.join(out, "bench.md"), render_md(doc))
         write_bytes(os.path.join(out, "bench.png"), render_png(doc))
         write_json(os.path.join(out, "bench.json"), doc)        # last: claims success
     except WorkerError as e:
@@ -327,6 +277,61 @@ def _run(args: argparse.Namespace) -> int:
     print(short_table(doc))
     print(f"wrote bench.json, bench.md, bench.png to {out}")
     return EXIT_OK
+
+
+def check_options(args: argparse.Namespace):
+    cfgs = [load_config(c) for c in args.config]
+    backends = ["torch", "jittor"] if args.backend == "both" else [args.backend]
+    pythons = {be: resolve_python(be, getattr(args, f"{be}_python")) for be in backends}
+    modes = ["eval", "train"] if args.mode == "both" else [args.mode]
+    for flag, v, lo in (("--batch", args.batch, 1), ("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0)):
+        if v < lo:
+            raise UsageError(f"{flag} {v}: must be >= {lo}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
+    if args.profile and "jittor" not in backends:
+        raise UsageError("--profile uses Jittor's profiler: run the jittor backend")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise UsageError(f"weights: {args.weights}: file not found")
+    sizes = [parse_size(args.size, c.train.image_size) for c in cfgs]
+    return cfgs, backends, pythons, modes, sizes
+
+
+def build_cases(args: argparse.Namespace, cfgs, sizes, tmp: str):
+    """One case folder per config (stage grad: weights, one batch, targets, denoising draws)."""
+    cases = []
+    for cfg, size in zip(cfgs, sizes):
+        bcfg = _bench_config(cfg, size)
+        cdir = os.path.join(tmp, f"case_{len(cases)}")
+        try:
+            man = build_case(cdir, bcfg, stage="grad", batch_size=args.batch, seed=args.seed,
+                             weights_path=args.weights)
+        except CaseError as e:
+            raise UsageError(str(e)) from None
+        cases.append((cfg, bcfg, size, cdir, man))
+    return cases
+
+
+def bench_config(args, case, modes, backends, pythons, out: str, env) -> Dict[str, Any]:
+    """Every mode of one config -> its entry of bench.json's ``runs``."""
+    cfg, _, size, cdir, man = case
+    results: Dict[str, Dict[str, Dict[str, Any]]] = {m: {} for m in modes}
+    info: Dict[str, Dict[str, Any]] = {}
+    profiles: Dict[str, Any] = {}
+    for mode in modes:
+        res_mode, prof = bench_mode(cfg.name, cdir, mode, backends, pythons, args, out, env)
+        results[mode] = res_mode
+        for be, res in res_mode.items():
+            info[be] = {"versions": res.get("versions", {}), "threads": res.get("threads", {}),
+                        "device": res.get("device")}
+        if prof is not None:
+            profiles[mode] = prof
+    runr = {"config": cfg.name, "config_digest": cfg.digest(), "size": list(size), "batch": args.batch,
+            "weights": man["weights"], "data": {k: man["data"][k] for k in ("split", "image_ids", "num_boxes")},
+            "backends": info, "measures": measures_of(results, modes, backends, args.device)}
+    if profiles:
+        runr["profile"] = profiles
+    return runr
 
 
 def _argv_of(args: argparse.Namespace) -> List[str]:

@@ -149,106 +149,126 @@ def summarize_op(key: str) -> str:
     return "+".join(names)
 
 
-def run(args: argparse.Namespace) -> int:
-    be = args.backend
-    phase = "import"
-    timing: Dict[str, float] = {}
-    try:
+class BenchServer:
+    """One backend's model on the case's batch, timed call by call as the runner asks."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.be = args, args.backend
+        self.phase = "import"
+        self.timing: Dict[str, float] = {}
+        self.warm: List[float] = []
+        self.times: List[float] = []
+        self.profile_file = None
+
+    def load(self) -> None:
+        """Import, build, load the weights and the batch; then ``ready``."""
+        args, be = self.args, self.be
         set_threads(be, args.threads)
         t = time.perf_counter()
-        mod, versions = import_backend(be)
+        mod, self.versions = import_backend(be)
         set_threads(be, args.threads)
-        timing["import"] = time.perf_counter() - t
-        phase = "device"
+        self.timing["import"] = time.perf_counter() - t
+        self.phase = "device"
         check_device(be, args.device)
-        phase = "model"
-        adapter, case = load_model(mod, be, args.case, args.dtype, args.device, timing)
+        self.phase = "model"
+        self.adapter, case = load_model(mod, be, args.case, args.dtype, args.device, self.timing)
         if case.manifest.get("stage") != "grad":
             raise WorkerFailure("case", EXIT_INPUT, "bench needs a case built for stage grad (targets + dn draws)")
         images, targets = case.inputs()
-        images = images.astype(args.dtype)
-        dn = case.dn_draws()
-        rss_loaded = current_rss_mb()
-        emit("ready", backend=be, versions=versions, timing=timing, threads=threads_info(be), device=args.device)
+        self.images = images.astype(args.dtype)
+        self.targets, self.dn = targets, case.dn_draws()
+        self.rss_loaded = current_rss_mb()
+        self.dev = DeviceMemory(be, args.device)
+        emit("ready", backend=be, versions=self.versions, timing=self.timing, threads=threads_info(be),
+             device=args.device)
 
-        if args.mode == "eval":
-            def call():
-                return adapter.forward(images)
+    def call(self):
+        if self.args.mode == "eval":
+            return self.adapter.forward(self.images)
+        return self.adapter.train_step(self.images, self.targets, self.dn)
+
+    def timed(self) -> float:
+        self.adapter.sync()
+        t0 = time.perf_counter()
+        self.call()
+        self.adapter.sync()
+        dt = time.perf_counter() - t0
+        self.dev.sample()
+        return dt
+
+    def handle(self, req: Dict[str, Any]) -> bool:
+        """One request; False on ``quit``."""
+        cmd = req.get("cmd")
+        if cmd == "quit":
+            return False
+        if cmd == "call":
+            kind = req.get("phase", "timed")
+            self.phase = kind
+            if kind == "timed" and not self.times:
+                gc.collect()
+                self.dev.reset()
+            dt = self.timed()
+            (self.warm if kind == "warm-up" else self.times).append(dt)
+            emit("timed", phase=kind, seconds=dt, i=len(self.warm if kind == "warm-up" else self.times))
+        elif cmd == "profile":
+            self.profile(req["out"])
+        elif cmd == "result":
+            self.result()
         else:
-            def call():
-                return adapter.train_step(images, targets, dn)
-        dev = DeviceMemory(be, args.device)
+            raise WorkerFailure("serve", EXIT_INPUT, f"unknown command {cmd!r}")
+        return True
 
-        def timed() -> float:
-            adapter.sync()
-            t0 = time.perf_counter()
-            call()
-            adapter.sync()
-            dt = time.perf_counter() - t0
-            dev.sample()
-            return dt
+    def profile(self, path: str) -> None:
+        self.phase = "profile"
+        if self.be != "jittor":
+            raise WorkerFailure("profile", EXIT_INPUT, "profile is Jittor's profiler (jt.profile_scope)")
+        from backends.jittor_impl.framework import jt  # lazy: the Jittor side only
 
-        warm: List[float] = []
-        times: List[float] = []
-        profile_file = None
-        phase = "serve"
+        self.adapter.sync()
+        t0 = time.perf_counter()
+        with jt.profile_scope(profiler_record_shape=1) as rep:
+            self.call()
+            self.adapter.sync()
+        every = profile_report(rep, top=10 ** 9)
+        self.profile_file = path
+        write_json(path, {"backend": self.be, "mode": self.args.mode, "seconds_profiled": time.perf_counter() - t0,
+                          "top_ops": every[:self.args.profile_top], "by_op": group_ops(every)[:self.args.profile_top],
+                          "raw_rows": len(rep) - 1 if rep else 0})
+        emit("profiled", out=path)
+
+    def result(self) -> None:
+        args, times = self.args, self.times
+        if not times:
+            raise WorkerFailure("result", EXIT_INPUT, "no timed call was made")
+        emit("result", **{
+            "backend": self.be, "mode": args.mode, "device": args.device, "dtype": args.dtype,
+            "batch": int(self.images.shape[0]), "size": list(self.images.shape[2:]),
+            "warmup_seconds": self.warm, "seconds": times,
+            "min": float(np.min(times)), "median": float(np.median(times)), "max": float(np.max(times)),
+            "mean": float(np.mean(times)),
+            "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": self.rss_loaded, "rss_end_mb": current_rss_mb(),
+            "device_memory": self.dev.report(), "threads": threads_info(self.be), "versions": self.versions,
+            "timing": self.timing, "profile": self.profile_file})
+
+
+def run(args: argparse.Namespace) -> int:
+    srv = BenchServer(args)
+    try:
+        srv.load()
+        srv.phase = "serve"
         for line in sys.stdin:
             line = line.strip()
             if not line:
                 continue
-            req = json.loads(line)
-            cmd = req.get("cmd")
-            if cmd == "quit":
+            if not srv.handle(json.loads(line)):
                 break
-            if cmd == "call":
-                kind = req.get("phase", "timed")
-                phase = kind
-                if kind == "timed" and not times:
-                    gc.collect()
-                    dev.reset()
-                dt = timed()
-                (warm if kind == "warm-up" else times).append(dt)
-                emit("timed", phase=kind, seconds=dt, i=len(warm if kind == "warm-up" else times))
-            elif cmd == "profile":
-                phase = "profile"
-                if be != "jittor":
-                    raise WorkerFailure("profile", EXIT_INPUT, "profile is Jittor's profiler (jt.profile_scope)")
-                from backends.jittor_impl.framework import jt
-
-                adapter.sync()
-                t0 = time.perf_counter()
-                with jt.profile_scope(profiler_record_shape=1) as rep:
-                    call()
-                    adapter.sync()
-                every = profile_report(rep, top=10 ** 9)
-                profile_file = req["out"]
-                write_json(profile_file, {"backend": be, "mode": args.mode,
-                                          "seconds_profiled": time.perf_counter() - t0,
-                                          "top_ops": every[:args.profile_top],
-                                          "by_op": group_ops(every)[:args.profile_top],
-                                          "raw_rows": len(rep) - 1 if rep else 0})
-                emit("profiled", out=profile_file)
-            elif cmd == "result":
-                if not times:
-                    raise WorkerFailure("result", EXIT_INPUT, "no timed call was made")
-                emit("result", **{
-                    "backend": be, "mode": args.mode, "device": args.device, "dtype": args.dtype,
-                    "batch": int(images.shape[0]), "size": list(images.shape[2:]),
-                    "warmup_seconds": warm, "seconds": times,
-                    "min": float(np.min(times)), "median": float(np.median(times)), "max": float(np.max(times)),
-                    "mean": float(np.mean(times)),
-                    "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded, "rss_end_mb": current_rss_mb(),
-                    "device_memory": dev.report(), "threads": threads_info(be), "versions": versions,
-                    "timing": timing, "profile": profile_file})
-            else:
-                raise WorkerFailure("serve", EXIT_INPUT, f"unknown command {cmd!r}")
-            phase = "serve"
-        emit("bye", backend=be, peak_rss_mb=peak_rss_mb())
+            srv.phase = "serve"
+        emit("bye", backend=srv.be, peak_rss_mb=peak_rss_mb())
         return EXIT_OK
     except BaseException as e:  # noqa: BLE001 - every failure becomes an error event
         if isinstance(e, SystemExit):
             raise
-        return fail_event(be, phase, e)
+        return fail_event(srv.be, srv.phase, e)
 
 
 def build_parser() -> argparse.ArgumentParser:

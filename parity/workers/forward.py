@@ -45,6 +45,8 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+from rtdetr_core.config import ConfigError, config_from_dict
+from rtdetr_core.param_spec import param_spec
 
 from parity.case.contract import read_decisions
 from parity.case.faults import FaultError, parse_faults
@@ -125,9 +127,30 @@ class Worker:
         if a.check:
             print(json.dumps({"ok": True, "backend": a.backend, "versions": self.versions}))
             return EXIT_OK
+        case, cfg, applied = self.open_case(faults)
+        adapter, weights = self.build(mod, case, cfg, faults, applied)
+        images, targets = case.inputs()
+        images = images.astype(a.dtype)
+        topk, matches, train_topk = (None, None, None)
+        if a.share_decisions:
+            topk, matches, train_topk = read_decisions(a.share_decisions)
+        arrays: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        meta: Dict[str, Any] = {"order": {}}
+        self.set_phase(a.task)
+        maybe_crash(faults)
+        if a.task == "forward":
+            self.forward_task(adapter, cfg, images, topk, train_topk, arrays, meta)
+        else:
+            self.grad_task(adapter, weights, images, targets, case.dn_draws(), topk, matches, arrays, meta)
+        meta.update({"faults": applied, "decisions_injected": {"topk": topk is not None,
+                                                               "matches": matches is not None,
+                                                               "train_topk": train_topk is not None}})
+        self.write(case, cfg, arrays, meta)
+        return EXIT_OK
 
-        # case + config
-        from rtdetr_core.config import ConfigError, config_from_dict
+    def open_case(self, faults):
+        """The case folder and its config (a config fault applied), checked against the case."""
+        a = self.args
         self.set_phase("case")
         try:
             case = Case(a.case)
@@ -150,8 +173,11 @@ class Worker:
         if a.task == "grad" and case.manifest.get("stage") != "grad":
             raise WorkerFailure("case", EXIT_INPUT, f"case was built for stage {case.manifest.get('stage')}, "
                                                     f"task grad needs a grad case (targets, dn draws)")
+        return case, cfg, applied
 
-        # model + weights
+    def build(self, mod, case, cfg, faults, applied: List[str]):
+        """The backend's model with the case's weights (weight and runtime faults applied)."""
+        a = self.args
         try:
             weights = self.timed("read_weights", case.weights)
             applied += apply_weight_faults(weights, faults)
@@ -171,85 +197,84 @@ class Worker:
             code = EXIT_INPUT if type(e).__name__ == "WeightsError" else EXIT_CRASH
             raise WorkerFailure("weights", code, f"load_weights: {type(e).__name__}: "
                                 f"{' '.join(str(e).split())[:500]}") from None
+        return adapter, weights
 
-        images, targets = case.inputs()
-        images = images.astype(a.dtype)
-        dn = case.dn_draws()
-        topk, matches, train_topk = (None, None, None)
-        if a.share_decisions:
-            topk, matches, train_topk = read_decisions(a.share_decisions)
+    def forward_task(self, adapter, cfg, images, topk, train_topk, arrays, meta) -> None:
+        res = self.timed("forward", adapter.forward, images, capture=True, topk_index=topk)
+        self._store_forward(res, arrays, meta)
+        del res
+        # train mode: BatchNorm on batch statistics, no denoising (a forward case has no
+        # draws); after the eval pass, because it moves the BN running statistics
+        res = self.timed("forward_train", adapter.forward, images, train=True, capture=True,
+                         topk_index=train_topk)
+        self._store_forward(res, arrays, meta, prefix="train/")
+        # BatchNorm running statistics after that train-mode pass (momentum, unbiased
+        # variance and num_batches_tracked are otherwise invisible in the forward stage)
+        bufs = {e.name for e in param_spec(cfg) if e.kind == "buffer"}
+        exp = self.timed("export_weights", adapter.export_weights)
+        meta["order"]["train/buffers"] = [k for k in exp if k in bufs]
+        for k in meta["order"]["train/buffers"]:
+            arrays[f"train/buf/{k}"] = np.asarray(exp[k])
 
-        arrays: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        meta: Dict[str, Any] = {"order": {}}
-        self.set_phase(a.task)
-        maybe_crash(faults)
-        if a.task == "forward":
-            res = self.timed("forward", adapter.forward, images, capture=True, topk_index=topk)
-            self._store_forward(res, arrays, meta)
-            del res
-            # train mode: BatchNorm on batch statistics, no denoising (a forward case has no
-            # draws); after the eval pass, because it moves the BN running statistics
-            res = self.timed("forward_train", adapter.forward, images, train=True, capture=True,
-                             topk_index=train_topk)
-            self._store_forward(res, arrays, meta, prefix="train/")
-            # BatchNorm running statistics after that train-mode pass (momentum, unbiased
-            # variance and num_batches_tracked are otherwise invisible in the forward stage)
-            from rtdetr_core.param_spec import param_spec
-            bufs = {e.name for e in param_spec(cfg) if e.kind == "buffer"}
-            exp = self.timed("export_weights", adapter.export_weights)
-            meta["order"]["train/buffers"] = [k for k in exp if k in bufs]
-            for k in meta["order"]["train/buffers"]:
-                arrays[f"train/buf/{k}"] = np.asarray(exp[k])
+    def grad_task(self, adapter, weights, images, targets, dn, topk, matches, arrays, meta) -> None:
+        res = self.timed("loss_backward", adapter.loss, images, targets, dn, matches=matches,
+                         topk_index=topk, backward=True, capture=True)
+        self._store_forward(res, arrays, meta, outputs_key="outputs")
+        losses = res["losses"]
+        meta["order"]["losses"] = list(losses)
+        for k, v in losses.items():
+            arrays[f"loss/{k}"] = np.asarray(v, dtype=np.float64)
+        arrays["loss_total"] = np.asarray(res["total"], dtype=np.float64)
+        used = normalize_matches(res.get("matches"))
+        meta["order"]["matches"] = list(used)
+        for call, lst in used.items():
+            for i, m in enumerate(lst):
+                arrays[f"match/{call}/{i}"] = m
+        meta["order"]["grads"] = list(res["grads"])
+        for k, g in res["grads"].items():
+            arrays[f"grad/{k}"] = np.asarray(g)
+        del res
+        # one optimiser step from the case weights (loss() already moved BN statistics)
+        self.timed("reload_weights", adapter.load_weights, weights)
+        st = self.timed("train_step", adapter.train_step, images, targets, dn,
+                        **self.step_decisions(adapter, topk, matches, used))
+        arrays["step_grad_norm"] = np.asarray(float(st["grad_norm"]), dtype=np.float64)
+        meta["step"] = {"total": float(st["total"]), "grad_norm": float(st["grad_norm"]),
+                        "lr": [float(x) for x in st.get("lr", [])]}
+        exp = self.timed("export_weights", adapter.export_weights)
+        meta["order"]["step"] = list(exp)
+        for k, v in exp.items():
+            arrays[f"step/{k}"] = np.asarray(v)
+
+    def step_decisions(self, adapter, topk, matches, used) -> Dict[str, Any]:
+        """The decisions the optimiser step takes: the shared ones where train_step accepts them."""
+        step_kw: Dict[str, Any] = {}
+        params = inspect.signature(adapter.train_step).parameters
+        if topk is not None and "topk_index" in params:
+            step_kw["topk_index"] = topk
+        if matches is not None and (topk is None or "topk_index" in params):
+            step_kw["matches"] = matches
+        elif matches is not None:
+            step_kw["matches"] = used      # this side's own matches under the shared top-k
+            self.warnings.append("train_step() takes no topk_index: the optimiser step ran with this "
+                                 "side's own top-k selection (shared matches not applicable)")
         else:
-            res = self.timed("loss_backward", adapter.loss, images, targets, dn, matches=matches,
-                             topk_index=topk, backward=True, capture=True)
-            self._store_forward(res, arrays, meta, outputs_key="outputs")
-            losses = res["losses"]
-            meta["order"]["losses"] = list(losses)
-            for k, v in losses.items():
-                arrays[f"loss/{k}"] = np.asarray(v, dtype=np.float64)
-            arrays["loss_total"] = np.asarray(res["total"], dtype=np.float64)
-            used = normalize_matches(res.get("matches"))
-            meta["order"]["matches"] = list(used)
-            for call, lst in used.items():
-                for i, m in enumerate(lst):
-                    arrays[f"match/{call}/{i}"] = m
-            meta["order"]["grads"] = list(res["grads"])
-            for k, g in res["grads"].items():
-                arrays[f"grad/{k}"] = np.asarray(g)
-            del res
-            # one optimiser step from the case weights (loss() already moved BN statistics)
-            self.timed("reload_weights", adapter.load_weights, weights)
-            step_kw: Dict[str, Any] = {}
-            params = inspect.signature(adapter.train_step).parameters
-            if topk is not None and "topk_index" in params:
-                step_kw["topk_index"] = topk
-            if matches is not None and (topk is None or "topk_index" in params):
-                step_kw["matches"] = matches
-            elif matches is not None:
-                step_kw["matches"] = used      # this side's own matches under the shared top-k
-                self.warnings.append("train_step() takes no topk_index: the optimiser step ran with this "
-                                     "side's own top-k selection (shared matches not applicable)")
-            else:
-                step_kw["matches"] = used
-            st = self.timed("train_step", adapter.train_step, images, targets, dn, **step_kw)
-            arrays["step_grad_norm"] = np.asarray(float(st["grad_norm"]), dtype=np.float64)
-            meta["step"] = {"total": float(st["total"]), "grad_norm": float(st["grad_norm"]),
-                            "lr": [float(x) for x in st.get("lr", [])]}
-            exp = self.timed("export_weights", adapter.export_weights)
-            meta["order"]["step"] = list(exp)
-            for k, v in exp.items():
-                arrays[f"step/{k}"] = np.asarray(v)
+            step_kw["matches"] = used
+        return step_kw
+
+    def write(self, case, cfg, arrays, meta) -> None:
+        """The result npz: every array, and the meta the runner checks (config, weights, dtype)."""
+        a = self.args
         floats = sorted({str(v.dtype) for v in arrays.values() if v.dtype.kind == "f"
                          and v.ndim > 0})
         if floats and floats != [a.dtype]:
             self.warnings.append(f"floating arrays of dtype {', '.join(floats)} in a {a.dtype} run")
+        faults, injected = meta.pop("faults"), meta.pop("decisions_injected")
         meta.update({
             "backend": a.backend, "dtype": a.dtype, "task": a.task, "device": a.device,
-            "config": cfg.name, "config_digest": digest, "case_weights_sha256":
+            "config": cfg.name, "config_digest": cfg.digest(), "case_weights_sha256":
                 case.manifest["files"].get("weights.safetensors"),
-            "faults": applied, "decisions_injected": {"topk": topk is not None, "matches": matches is not None,
-                                                      "train_topk": train_topk is not None},
+            "faults": faults, "decisions_injected": injected,
             "versions": self.versions, "warnings": self.warnings, "dtypes_seen": floats,
         })
         self.set_phase("write")
@@ -258,7 +283,6 @@ class Worker:
         meta["peak_rss_mb"] = peak_rss_mb()
         write_npz(a.out, arrays, meta)
         self.set_phase("done")
-        return EXIT_OK
 
     @staticmethod
     def _store_forward(res: Dict[str, Any], arrays, meta, outputs_key: Optional[str] = None,
