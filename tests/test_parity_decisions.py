@@ -1,4 +1,4 @@
-"""Discrete decisions are classified, not counted (parity/decisions.py): an order flip or a
+"""Discrete decisions are classified, not counted (parity/judge/decisions.py): an order flip or a
 tie within float32's measured noise passes and is reported with its gap; a gap beyond the
 noise fails.  Pure numpy: runs in both environments."""
 from __future__ import annotations

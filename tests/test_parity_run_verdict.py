@@ -1,4 +1,4 @@
-"""The --dtype both verdict (parity/run_verdict.py): float64 arbitrates; a float32 gradient
+"""The --dtype both verdict (parity/judge/run_verdict.py): float64 arbitrates; a float32 gradient
 excess is reported rather than failed only with float64 passing, the float32 forward
 passing, and the error within the cap -- never for a float32 error beyond it.  Pure numpy."""
 from __future__ import annotations

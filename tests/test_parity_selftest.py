@@ -67,7 +67,7 @@ def test_patch_applies_and_stays_inside_the_backend(tmp_path):
     apply_patch(root, "m.py", "x = 1", "x = 3")
     assert open(os.path.join(root, "backends", "jittor_impl", "m.py")).read() == "x = 3\ny = 2\n"
     with pytest.raises(PatchError, match="under backends/jittor_impl"):
-        apply_patch(root, "../../parity/cli.py", "a", "b")
+        apply_patch(root, "../../parity/cli/parser.py", "a", "b")
     with pytest.raises(PatchError, match="no such file"):
         apply_patch(root, "nope.py", "a", "b")
 

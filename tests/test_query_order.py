@@ -3,7 +3,7 @@ selection permutes the decoder's outputs the same way, leaves the denoising outp
 (the attention mask keeps the two parts apart), and with the assignments permuted alike
 gives the same losses and the same gradients.  This is why the harness may classify a top-k
 *order flip* as harmless and judge the continuous tensors under one order
-(parity/decisions.py).  Checked in float64 in both backends (each test imports its own
+(parity/judge/decisions.py).  Checked in float64 in both backends (each test imports its own
 framework; tests/run.sh runs each in its environment)."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ SEEDED_NOTE = "seeded init (untrained weights): detections are meaningless, only
 
 def write_model_case(case_dir: str, cfg, weights, winfo: Dict[str, Any], *, stage: str, seed: int,
                      extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """A case folder (``parity/case.py`` layout and manifest schema) holding only
+    """A case folder (``parity/case/folder.py`` layout and manifest schema) holding only
     ``config.json``, ``config.yaml`` and ``weights.safetensors``: what a serving worker
     needs to build the model (``Case(dir)`` checks the hashes and the config digest)."""
     os.makedirs(case_dir, exist_ok=True)

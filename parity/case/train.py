@@ -1,4 +1,4 @@
-"""The case of ``parity run --stage train`` (see parity/train_stage.py): the decoded data
+"""The case of ``parity run --stage train`` (see parity/commands/train.py): the decoded data
 (``data.npz``), the initial weights, the config, and every epoch's shared streams (image order,
 denoising draws, multi-scale sizes) drawn once from ``rtdetr_core``, with their hashes."""
 from __future__ import annotations

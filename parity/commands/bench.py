@@ -3,9 +3,9 @@
     parity bench --config PRESET [PRESET ...] [--size 640] [--batch 1] [--mode eval|train|both]
                  [--repeat 5] [--warmup 2] [--threads N] [--sequential] [--profile] [--out DIR]
 
-Per config, one case folder (``parity/case.py``, stage ``grad``: seeded or given weights, one
+Per config, one case folder (``parity/case/folder.py``, stage ``grad``: seeded or given weights, one
 batch of the bundled synthetic train split resized to ``--size``, targets, shared
-denoising draws); per mode, one ``parity/bench_worker.py`` process per backend in that
+denoising draws); per mode, one ``parity/workers/bench.py`` process per backend in that
 backend's environment.  The runner drives the calls one at a time and interleaves the
 backends (T J, J T, T J, ...): never two calls at once, and a burst of other work on a
 shared machine slows both alike (``--sequential``: one backend after the other).

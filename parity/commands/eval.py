@@ -28,7 +28,7 @@ Output folder::
 Exit codes: 0 every AP difference within ``eval.max_ap_diff`` (thresholds.yaml) and every
 batch's raw outputs (pred_logits, pred_boxes) within ``forward.<dtype>.outputs`` — the AP alone
 cannot fail with untrained weights (AP ~0 on both sides); a float32 top-k near-tie that
-reorders a few queries is paired and reported, not failed (``parity/outputs_match.py``) —
+reorders a few queries is paired and reported, not failed (``parity/judge/outputs_match.py``) —
 1 not, 2 error (one line on stderr; result.json says "error").
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ harness run in it, and what that run says about the bug.
 
 The harness is run as a user would run it, ``python -m parity ...`` with the copy as the
 working directory: the runner computes its workers' PYTHONPATH from its own location
-(parity/case.py ``repo_root``), so both workers import the copy and the Jittor worker gets
+(parity/case/folder.py ``repo_root``), so both workers import the copy and the Jittor worker gets
 the patched backend while the PyTorch backend is untouched.
 """
 from __future__ import annotations

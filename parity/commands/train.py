@@ -20,7 +20,7 @@ Run folder::
 
     <out>/case/                 manifest.json (plan, hashes), config.json/.yaml, weights.safetensors,
                                 data.npz, streams/epoch_NNNN.npz
-    <out>/<LABEL>/              one folder per side (see parity/train_worker.py): log.json,
+    <out>/<LABEL>/              one folder per side (see parity/workers/train.py): log.json,
                                 eval/, checkpoints/, final.safetensors, worker.log, status.json
     <out>/result.json           curve metrics, mAP, checks, verdict, environment (parity report reads it)
     <out>/summary.md            the same for people

@@ -269,7 +269,7 @@ def topk_overlap(cand, base) -> Dict[str, Any]:
 
 
 def _decision_verdict(e: Dict[str, Any], cls: Optional[Dict[str, Any]], agree_all: bool, what: str) -> None:
-    """Pass unless the classification (parity/decisions.py) says ``flip``; without one, only
+    """Pass unless the classification (parity/judge/decisions.py) says ``flip``; without one, only
     identical choices pass.  ``rule`` names the class: exact, order, tie."""
     kind = cls["kind"] if cls else ("same" if agree_all else "flip")
     e["classification"] = cls

@@ -1,6 +1,6 @@
 """Curve metrics of a parity training run, and their verdict (rules: ``train:`` in thresholds.yaml).
 
-Vocabulary as in ``parity/compare.py``: ``cand`` is the side under test (Jittor), ``base``
+Vocabulary as in ``parity/judge/compare.py``: ``cand`` is the side under test (Jittor), ``base``
 the side it is compared with (PyTorch, same dtype) and, in float32 runs, ``ref`` the PyTorch
 float64 run (the noise floor: how far float32 rounding alone moves a training run).  Every
 relative difference is ``|cand - base| / |base|`` (0 when both are 0, inf when only the base
@@ -27,9 +27,9 @@ is 0).  The metrics (:func:`curve_metrics`):
                       ||w_base - w_init|| (drift relative to how far training moved the weights);
 * ``buffer_rel``      worst rel L2 of any state entry outside the trainable parameters (BN running
                       statistics, frozen parameters; integer counters must be equal) at every
-                      common checkpoint and at the end (``parity/train_state.py``);
+                      common checkpoint and at the end (``parity/judge/train_state.py``);
 * ``eval_outputs_rel`` worst rel L2 of the eval-mode pred_logits / pred_boxes on the val images at
-                      every evaluated epoch (tie flips of the top-k paired, ``parity/outputs_match.py``).
+                      every evaluated epoch (tie flips of the top-k paired, ``parity/judge/outputs_match.py``).
 
 Nothing asked for may be missing: zero compared iterations, fewer compared iterations than
 logged, or an mAP / eval output / final state that the plan asked for but a side lacks all
@@ -228,7 +228,7 @@ def curve_metrics(cand: Mapping[str, Any], base: Mapping[str, Any], *, map_cand=
                   lockstep_rel: float = DEFAULT_LOCKSTEP_REL, window: int = DEFAULT_WINDOW) -> Dict[str, Any]:
     """Every curve metric of ``cand`` against ``base`` (two worker logs, see the module docstring).
 
-    ``buffers`` / ``eval_outputs``: the comparisons of ``parity/train_state.py``.  ``expect_evals``
+    ``buffers`` / ``eval_outputs``: the comparisons of ``parity/judge/train_state.py``.  ``expect_evals``
     (epochs the plan evaluated on both sides) and ``expect_final`` (both sides completed) say
     what must be there: a check whose data is missing then fails (``missing``) instead of
     passing as not measured."""

@@ -160,7 +160,7 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
 
 # ----------------------------------------------------------------------------------------
 # decisions: each side's OWN choice (recorded even when another's was injected), classified
-# against float32's noise on the exact scores / costs (parity/decisions.py)
+# against float32's noise on the exact scores / costs (parity/judge/decisions.py)
 
 def _noise_args(zb, zr, thresholds, dtype):
     """(base-dtype evidence file, exact evidence file, noise_rel): float32 with a float64

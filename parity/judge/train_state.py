@@ -5,7 +5,7 @@ statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) never to
 or a gradient.  A bug that only touches them (a wrong BN momentum, a biased running
 variance — Jittor's own default) leaves every loss term in lock-step and the trainable
 parameters equal, and with little training the mAP says nothing either.  Two comparisons
-close that hole (judged as ``buffer_rel`` and ``eval_outputs_rel`` in ``parity/curves.py``):
+close that hole (judged as ``buffer_rel`` and ``eval_outputs_rel`` in ``parity/judge/curves.py``):
 
 * :func:`buffer_errors`  every state entry that is not a trainable parameter (buffers, frozen
   parameters), side A vs side B, at every checkpoint both sides still hold
@@ -14,7 +14,7 @@ close that hole (judged as ``buffer_rel`` and ``eval_outputs_rel`` in ``parity/c
   is a different number of BN updates: ``inf``).  The metric is the worst tensor.
 * :func:`eval_output_errors`  the eval-mode ``pred_logits`` / ``pred_boxes`` every side saved
   for the mAP (``eval/epoch_NNNN.npz``: running statistics in use), at every epoch evaluated
-  on both sides, compared with the tie pairing of ``parity/outputs_match.py``.
+  on both sides, compared with the tie pairing of ``parity/judge/outputs_match.py``.
 """
 from __future__ import annotations
 

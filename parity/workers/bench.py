@@ -3,7 +3,7 @@
     python -m parity.workers.bench --backend torch|jittor --case DIR --mode eval|train
         [--device cpu|cuda] [--dtype float32] [--threads N] [--profile-top 25]
 
-The case folder (``parity/case.py``, stage ``grad``) holds the config, the weights, one
+The case folder (``parity/case/folder.py``, stage ``grad``) holds the config, the weights, one
 batch of images with targets and the shared denoising draws, so both backends time exactly
 the same work.  The call timed:
 
@@ -14,7 +14,7 @@ the same work.  The call timed:
 Driven by the runner, one call per command, so the runner can interleave the two backends
 (torch call, jittor call, jittor call, torch call, ...): a burst of other work on a shared
 machine then hits both alike, and the idle worker (blocked on stdin) never competes with
-the one being timed.  Commands (JSON lines on stdin; protocol in ``parity/procs.py``)::
+the one being timed.  Commands (JSON lines on stdin; protocol in ``parity/sides/serving.py``)::
 
     {"cmd": "call", "phase": "warm-up" | "timed"}  ->  {"event": "timed", "phase", "seconds", "i"}
     {"cmd": "profile", "out": "FILE.json"}         ->  {"event": "profiled", "out"}   (Jittor only)

@@ -5,9 +5,9 @@
         [--share-decisions FILE.npz] [--inject-fault SPEC ...]
     python -m parity.workers.forward --backend jittor --check        # import + versions (pre-flight)
 
-Protocol (see also parity/runner.py):
+Protocol (see also parity/commands/forward.py):
 
-* input: a case folder (parity/case.py); the worker verifies its hashes, rebuilds the config
+* input: a case folder (parity/case/folder.py); the worker verifies its hashes, rebuilds the config
   from ``config.json`` and refuses to run when the digest differs from the manifest's
   (``config mismatch``);
 * progress: ``FILE.status`` (JSON ``{"phase", "elapsed"}``) is rewritten at each phase;
@@ -310,7 +310,7 @@ class Worker:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m parity.workers.forward", description="one side of a parity run")
     p.add_argument("--backend", required=True, choices=["torch", "jittor"])
-    p.add_argument("--case", help="case folder (parity/case.py)")
+    p.add_argument("--case", help="case folder (parity/case/folder.py)")
     p.add_argument("--out", help="result file (.npz); errors go to OUT.error.json")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--task", default="forward", choices=["forward", "grad"])

@@ -3,9 +3,9 @@
     python -m parity.workers.predict --backend torch|jittor --case DIR [--device cpu|cuda]
                                     [--dtype float32|float64]
 
-Reads the model (config + weights) from a case folder (``parity/case.py``: manifest hashes
+Reads the model (config + weights) from a case folder (``parity/case/folder.py``: manifest hashes
 and config digest checked), then answers JSON-line requests on stdin (protocol:
-``parity/procs.py``)::
+``parity/sides/serving.py``)::
 
     {"cmd": "predict", "id": K, "inputs": "B.npz", "out": "R.npz", "postprocess": true}
 
@@ -15,8 +15,9 @@ exactly as ``Adapter.forward`` returned them, and with ``postprocess`` this back
 ``Adapter.postprocess`` output stacked over the batch: ``scores`` [B,K], ``labels`` int64
 [B,K] (contiguous labels 0..C-1), ``boxes`` [B,K,4] xyxy in original pixels.
 
-The helpers here (``open_channel``, ``emit``, ``import_backend``, ``check_device``,
-``load_model``, ``fail_event``) are shared with ``parity/bench_worker.py``.
+The helpers it shares with ``parity/workers/bench.py`` (``open_channel``, ``emit``,
+``import_backend``, ``check_device``, ``load_model``, ``fail_event``) are in
+``parity/workers/common.py``.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
         [--stop-after-epoch N] [--inject-fault SPEC ...]
 
 Input: the run's case folder ``RUN_DIR/case`` written once by the runner
-(``parity/train_stage.py``): ``config.json``, ``weights.safetensors`` (initial weights),
+(``parity/commands/train.py``): ``config.json``, ``weights.safetensors`` (initial weights),
 ``data.npz`` (every train/val image already decoded and resized, float32, and the targets),
 ``streams/epoch_NNNN.npz`` (per epoch: the image order and, per iteration, the dataset
 indices, the denoising draws and the multi-scale size) and ``manifest.json`` (hashes, plan).
