@@ -105,6 +105,19 @@ def _num(path: str, key: str, v: Any, lo: float = 0.0) -> float:
     return f
 
 
+def _mapping(path: str, where: str, v: Any) -> Dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ThresholdError(f"{path}: key '{where}': missing or not a mapping")
+    return v
+
+
+def _known(path: str, where: str, d: Dict[str, Any], allowed, noun: str = "") -> None:
+    for k in d:
+        if k not in allowed:
+            raise ThresholdError(f"{path}: key '{where}.{k}': unknown{' ' + noun if noun else ''} "
+                                 f"(allowed: {', '.join(allowed)})")
+
+
 def _read(path: str) -> Any:
     try:
         with open(path, "r", encoding="utf-8") as fh:
@@ -141,30 +154,17 @@ def load_thresholds(path: Optional[str] = None, stage_tables: bool = True) -> Th
 
     table: Dict[str, Dict[str, Dict[str, GroupThreshold]]] = {}
     for stage in STAGES:
-        sd = data.get(stage)
-        if not isinstance(sd, dict):
-            raise ThresholdError(f"{path}: key '{stage}': missing or not a mapping")
+        sd = _mapping(path, stage, data.get(stage))
         table[stage] = {}
-        for k in sd:
-            if k not in DTYPES:
-                raise ThresholdError(f"{path}: key '{stage}.{k}': unknown dtype (allowed: float32, float64)")
+        _known(path, stage, sd, DTYPES, "dtype")
         for dtype in DTYPES:
-            dd = sd.get(dtype)
-            if not isinstance(dd, dict):
-                raise ThresholdError(f"{path}: key '{stage}.{dtype}': missing or not a mapping")
+            dd = _mapping(path, f"{stage}.{dtype}", sd.get(dtype))
             table[stage][dtype] = {}
-            for g in dd:
-                if g not in GROUPS[stage]:
-                    raise ThresholdError(f"{path}: key '{stage}.{dtype}.{g}': unknown group "
-                                         f"(allowed: {', '.join(GROUPS[stage])})")
+            _known(path, f"{stage}.{dtype}", dd, GROUPS[stage], "group")
             for g in GROUPS[stage]:
                 where = f"{stage}.{dtype}.{g}"
-                gd = dd.get(g)
-                if not isinstance(gd, dict):
-                    raise ThresholdError(f"{path}: key '{where}': missing or not a mapping")
-                for k in gd:
-                    if k not in _KEYS:
-                        raise ThresholdError(f"{path}: key '{where}.{k}': unknown (allowed: {', '.join(_KEYS)})")
+                gd = _mapping(path, where, dd.get(g))
+                _known(path, where, gd, _KEYS)
                 if "rel_l2" not in gd:
                     raise ThresholdError(f"{path}: key '{where}.rel_l2': required")
                 vals = {k: _num(path, f"{where}.{k}", v) for k, v in gd.items()}
@@ -230,32 +230,19 @@ class TrainThresholds:
 
 def _train_section(path: str, data: Any) -> TrainThresholds:
     """Parse ``train:`` of a thresholds file; problems raise ``ThresholdError`` (one line)."""
-    sec = data.get("train") if isinstance(data, dict) else None
-    if not isinstance(sec, dict):
-        raise ThresholdError(f"{path}: key 'train': missing or not a mapping")
-
-    for k in sec:
-        if k not in ("lockstep_rel", "final_window", "float32", "float64"):
-            raise ThresholdError(f"{path}: key 'train.{k}': unknown (allowed: lockstep_rel, final_window, float32, float64)")
+    sec = _mapping(path, "train", data.get("train") if isinstance(data, dict) else None)
+    _known(path, "train", sec, ("lockstep_rel", "final_window", "float32", "float64"))
     lockstep_rel = _num(path, "train.lockstep_rel", sec.get("lockstep_rel", DEFAULT_LOCKSTEP_REL))
     window = int(_num(path, "train.final_window", sec.get("final_window", DEFAULT_WINDOW), 1))
     table: Dict[str, Dict[str, TrainRule]] = {}
     for dt in ("float32", "float64"):
-        dd = sec.get(dt)
-        if not isinstance(dd, dict):
-            raise ThresholdError(f"{path}: key 'train.{dt}': missing or not a mapping")
+        dd = _mapping(path, f"train.{dt}", sec.get(dt))
         table[dt] = {}
-        for c in dd:
-            if c not in CHECKS:
-                raise ThresholdError(f"{path}: key 'train.{dt}.{c}': unknown check (allowed: {', '.join(CHECKS)})")
+        _known(path, f"train.{dt}", dd, CHECKS, "check")
         for c in CHECKS:
-            r = dd.get(c)
             where = f"train.{dt}.{c}"
-            if not isinstance(r, dict):
-                raise ThresholdError(f"{path}: key '{where}': missing or not a mapping")
-            for k in r:
-                if k not in _RULE_KEYS:
-                    raise ThresholdError(f"{path}: key '{where}.{k}': unknown (allowed: {', '.join(sorted(_RULE_KEYS))})")
+            r = _mapping(path, where, dd.get(c))
+            _known(path, where, r, sorted(_RULE_KEYS))
             if c == "lockstep_min":
                 if "min" not in r:
                     raise ThresholdError(f"{path}: key '{where}.min': required")

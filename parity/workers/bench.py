@@ -46,7 +46,7 @@ import numpy as np
 
 from parity.fileio import write_json
 from parity.workers.common import (EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, emit, fail_event, import_backend,
-    load_model, open_channel, peak_rss_mb, set_threads, threads_info)
+    load_model, peak_rss_mb, serving_main, set_threads, threads_info)
 
 
 def current_rss_mb() -> Optional[float]:
@@ -284,9 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    open_channel()
-    return run(args)
+    return serving_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -210,3 +210,10 @@ def fail_event(backend: str, phase: str, e: BaseException) -> int:
     except (OSError, ValueError):
         pass
     return code
+
+
+def serving_main(parser, serve, argv) -> int:
+    """The entry of a serving worker: its options, the protocol channel, then ``serve(args)``."""
+    args = parser.parse_args(argv)
+    open_channel()
+    return serve(args)

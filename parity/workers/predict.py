@@ -32,7 +32,7 @@ import numpy as np
 
 from parity.fileio import write_npz
 from parity.workers.common import (EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, emit, fail_event, import_backend,
-    load_model, one_line, open_channel, peak_rss_mb, set_threads, threads_info)
+    load_model, one_line, peak_rss_mb, serving_main, set_threads, threads_info)
 
 
 def stack_dets(dets: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
@@ -106,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    open_channel()
-    return serve(args)
+    return serving_main(build_parser(), serve, argv)
 
 
 if __name__ == "__main__":
