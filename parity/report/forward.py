@@ -2,20 +2,15 @@
 (terminal and Markdown), ``summary.md`` and the final terminal lines."""
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any, Dict, List
 
+from parity.numfmt import g as num
 
 
 def _g(x, fmt=".2e") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, str):
-        return x
-    if isinstance(x, float) and not math.isfinite(x):
-        return "inf" if x > 0 else ("nan" if math.isnan(x) else "-inf")
-    return format(x, fmt)
+    """Tensor errors are shown as .2e by default."""
+    return num(x, fmt)
 
 
 def describe_divergence(fd: Dict[str, Any]) -> str:
