@@ -44,10 +44,12 @@ from parity.judge import curves
 from parity.judge.coco import evaluate_side
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.judge.train_checks import compare, side_checks, verdict
-from parity.report.train import error_markdown, print_summary, train_markdown, verdict_text
+from parity.report.train import train_markdown
+from parity.report.train_lines import error_markdown, print_summary, verdict_text
 from parity.sides.jobs import Job, preflight
 from parity.sides.process import Progress, run_interruptible
 from parity.sides.train import kill_side
+
 
 # the options of this stage beyond the shared ones (parity/cli/args.py): their defaults here,
 # None on the command line (so that an option given on --resume is known to be given)

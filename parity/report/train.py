@@ -2,7 +2,6 @@
 numbers, the plots and the Markdown section (also the run's own summary.md)."""
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -96,10 +95,30 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
               "No comparison was made; this run proves nothing.", ""]
         return "\n".join(L) + "\n"
     L += [f"**Verdict:** {res.get('verdict')}", ""]
+    _overview(res, run_dir, L)
+    _nonfinite(res, heading, L)
+
+    def img(name, alt):
+        if images and name in images:
+            L.extend([f"![{alt}]({images[name]})", ""])
+
+    img("loss_curves.png", "loss curves")
+    _checks(res, heading, L)
+    _lockstep(res, heading, L, img)
+    _map(res, heading, L, img)
+    _drift(res, heading, L)
+    _buffers(res, heading, L)
+    _epochs(res, heading, L, img)
+    _sides(res, heading, L)
+    _environment(res, heading, L)
+    return "\n".join(L) + "\n"
+
+
+def _overview(res: Mapping[str, Any], run_dir: str, L: List[str]) -> None:
+    """The run: folder, config, schedule, data, weights, sides, faults, resumes."""
     plan = res.get("plan", {}) or {}
     data = res.get("data", {}) or {}
     w = res.get("weights", {}) or {}
-    labels = res.get("labels", {})
     L.append(f"- run folder: `{shown_path(run_dir)}`")
     L.append(f"- config `{res.get('config')}` (digest `{res.get('config_digest')}`), {res.get('dtype')}, device "
              f"`{res.get('device')}`, seed {res.get('seed')}")
@@ -117,7 +136,7 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
              f"{res.get('threads')} thread(s) each")
     ident = res.get("inputs_identical") or {}
     if ident:
-        L.append(f"- shared streams (order, denoising draws, multi-scale sizes) consumed identically: "
+        L.append("- shared streams (order, denoising draws, multi-scale sizes) consumed identically: "
                  + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in ident.items()))
     if res.get("faults"):
         L.append(f"- **INJECTED FAULT** on the {res.get('fault_side')} side: {', '.join(res['faults'])}")
@@ -126,6 +145,10 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
             L.append(f"- {s['label']} was resumed: " + "; ".join(f"from epoch {r['from_epoch']} ({r['checkpoint']})"
                                                                for r in s["resumed"]))
     L.append("")
+
+
+def _nonfinite(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Sides stopped by a non-finite loss."""
     nf = res.get("nonfinite") or {}
     if nf:
         L.append(f"{heading}# Non-finite losses")
@@ -137,11 +160,9 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
                      f"non-finite" + (f", e.g. `{e['examples'][0]}`" if e.get("examples") else ""))
         L.append("")
 
-    def img(name, alt):
-        if images and name in images:
-            L.extend([f"![{alt}]({images[name]})", ""])
 
-    img("loss_curves.png", "loss curves")
+def _checks(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Every check: value, floor, threshold, rule, result."""
     checks = res.get("checks", [])
     if checks:
         L.append(f"{heading}# Checks")
@@ -155,8 +176,13 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
         L.append(f"Thresholds: `{shown_path(res.get('thresholds_file'))}` (train section). A check passes by the fixed rule "
                  f"or, in float32 with the reference, by the floor rule value <= k x floor + allowance.")
         L.append("")
+
+
+def _lockstep(res: Mapping[str, Any], heading: str, L: List[str], img) -> None:
+    """How long the two sides stay in lock-step, and the noise floor's."""
     cb = (res.get("metrics") or {}).get("cand_base")
     fl = (res.get("metrics") or {}).get("base_ref")
+    labels = res.get("labels", {})
     if cb:
         ls = cb["lockstep"]
         L.append(f"{heading}# Lock-step")
@@ -179,6 +205,12 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
                         f"{fls['kind']})." if fls.get("first_iteration") else "."))
         L.append("")
         img("rel_diff_iteration.png", "per-iteration relative difference")
+
+
+def _map(res: Mapping[str, Any], heading: str, L: List[str], img) -> None:
+    """COCO mAP of every side at its last evaluation."""
+    cb = (res.get("metrics") or {}).get("cand_base")
+    labels = res.get("labels", {})
     maps = res.get("map") or {}
     if any(maps.values()):
         L.append(f"{heading}# COCO mAP (val)")
@@ -200,6 +232,12 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
                      + ", ".join(f"{k} {g(v, '.4f')}" for k, v in cb["map"]["abs"].items()))
         L.append("")
         img("map.png", "mAP per evaluated epoch")
+
+
+def _drift(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Parameter drift of the final weights."""
+    cb = (res.get("metrics") or {}).get("cand_base")
+    fl = (res.get("metrics") or {}).get("base_ref")
     if cb and cb.get("drift"):
         d = cb["drift"]
         L.append(f"{heading}# Parameter drift (final weights, trainable parameters)")
@@ -214,6 +252,12 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
             L.append(f"Floor (T32 vs T64): rel L2 {g(fl['drift']['rel_l2'])}, |T32-T64| / update "
                      f"{g(fl['drift'].get('vs_update'))}.")
         L.append("")
+
+
+def _buffers(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Buffers and eval-mode outputs (what the losses cannot show)."""
+    cb = (res.get("metrics") or {}).get("cand_base")
+    fl = (res.get("metrics") or {}).get("base_ref")
     if cb and (cb.get("buffers") or cb.get("eval_outputs")):
         # train mode uses batch statistics: only these two show a bug in the running statistics
         L.append(f"{heading}# Buffers and eval-mode outputs")
@@ -232,6 +276,13 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
                      + (f"; {eo['tie_flips']} evaluation(s) with a top-k tie flip, compared after pairing queries"
                         if eo.get("tie_flips") else ""))
         L.append("")
+
+
+def _epochs(res: Mapping[str, Any], heading: str, L: List[str], img) -> None:
+    """The per-epoch difference table."""
+    cb = (res.get("metrics") or {}).get("cand_base")
+    fl = (res.get("metrics") or {}).get("base_ref")
+    labels = res.get("labels", {})
     if cb and cb.get("epochs"):
         L.append(f"{heading}# Per-epoch difference")
         L.append("")
@@ -248,6 +299,10 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
         L += md_table(_df(rows), ".6g")
         L.append("")
         img("term_curves.png", "per-term curves")
+
+
+def _sides(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Time and memory of every side."""
     L.append(f"{heading}# Sides: time and memory")
     L.append("")
     rows = []
@@ -268,6 +323,10 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
              + ("The sides ran concurrently on a shared machine: times include contention."
                 if not res.get("sequential") else ""))
     L.append("")
+
+
+def _environment(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Host, versions, command, wall time."""
     env = res.get("env", {}) or {}
     host = env.get("host", {}) or {}
     L.append(f"{heading}# Environment")
@@ -287,58 +346,3 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
     else:
         L.append(f"- wall time of the whole run: {g(res.get('wall_s'), '.1f')} s")
     L.append("")
-    return "\n".join(L) + "\n"
-
-
-def error_markdown(side: str, cause: str, message: str) -> str:
-    """``summary.md`` of a train run that ended in an error."""
-    return (f"# parity run --stage train: ERROR\n\n**{side} side, {cause}**: {message}\n\n"
-            f"No comparison was made; this run proves nothing.\n")
-
-
-def verdict_text(res: Dict[str, Any]) -> str:
-    st = res["status"]
-    if st == "stopped":
-        done = min(s["epochs_done"] for s in res["sides"])
-        return (f"STOPPED on request after epoch {done} of {res['plan']['epochs']} — continue with: "
-                f"parity run --stage train --resume {res['out']}")
-    fails = [c for c in res["checks"] if not c["passed"]]
-    if st == "single":
-        return "single backend run: no comparison"
-    if not fails:
-        return "PASS: every check held"
-    parts = []
-    for c in fails:
-        r = c.get("reason")
-        parts.append(r if c["check"].startswith(("finite_", "inputs_")) else f"{c['check']} {r or 'failed'}")
-    return "FAIL: " + "; ".join(parts)
-
-
-def print_summary(res: Dict[str, Any], stream=None) -> None:
-    w = (stream or sys.stdout).write
-    w("\n")
-    for s in res["sides"]:
-        w(f"  {s['label']:<4} {s['backend']:<6} {s['dtype']}: {s['status']}, {s['epochs_done']} epochs / "
-          f"{s['iterations_done']} iterations, median epoch {g(s['median_epoch_s'])}s, "
-          f"peak RSS {g(s['peak_rss_mb'], ',.0f')} MB\n")
-        if s.get("nonfinite"):
-            nf = s["nonfinite"]
-            w(f"       NON-FINITE {nf['term']} at iteration {nf['iteration']} (epoch {nf['epoch']}): side stopped\n")
-    for lab, m in res.get("map", {}).items():
-        if m:
-            last = list(m)[-1]
-            w(f"  {lab} mAP (epoch {last}): AP {g(m[last]['AP'], '.4f')} AP50 {g(m[last]['AP50'], '.4f')}\n")
-    cb = res.get("metrics", {}).get("cand_base")
-    if cb:
-        ls = cb["lockstep"]
-        w(f"  lock-step: {ls['length']}/{ls['iterations_compared']} iterations"
-          + (f" (first difference > {ls['tolerance']:g} at iteration {ls['first_iteration']}, {ls['term']}, "
-             f"rel {g(ls['rel'])}, {ls['kind']})" if ls["first_iteration"] else "") + "\n")
-    for c in res.get("checks", []):
-        if c["check"].startswith("inputs_"):
-            continue
-        fl = f" floor {g(c.get('floor'))}" if c.get("floor") is not None else ""
-        w(f"    {'ok  ' if c['passed'] else 'FAIL'} {c['check']:<18} {g(c.get('value'))}{fl}"
-          f"{' (' + c['rule'] + ')' if c.get('rule') else ''}\n")
-    w(f"  {res['verdict']}  ({res['wall_s']:.1f}s)\n")
-    w(f"  result: {res['out']}/result.json\n")
