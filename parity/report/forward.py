@@ -120,6 +120,16 @@ def summary_markdown(result: Dict[str, Any]) -> str:
             L += [f"Log: `{e['log']}`", ""]
         L.append("No comparison was made; this run proves nothing.")
         return "\n".join(L) + "\n"
+    for section in (_run_info, _verdict, _groups, _decisions, _failing):
+        section(result, L)
+    L += floor_passes(result)
+    for section in (_explained, _grads_by_module, _sides):
+        section(result, L)
+    return "\n".join(L) + "\n"
+
+
+def _run_info(result: Dict[str, Any], L: List[str]) -> None:
+    """Config, data, weights, what is compared, decisions, faults."""
     lab = result["labels"]
     case = result.get("case", {})
     L.append(f"- config `{result['config']}` (digest `{result['config_digest']}`), batch {case.get('batch_size')} "
@@ -138,6 +148,11 @@ def summary_markdown(result: Dict[str, Any]) -> str:
     if result.get("faults"):
         L.append(f"- **INJECTED FAULT** on the {result['fault_side']} side: {', '.join(result['faults'])}")
     L.append("")
+
+
+def _verdict(result: Dict[str, Any], L: List[str]) -> None:
+    """What the verdict rests on and the first divergence."""
+    lab = result["labels"]
     fd = result.get("first_divergence") or {}
     if result.get("verdict_basis"):
         L.append(f"- verdict rests on: {result['verdict_basis']}")
@@ -154,10 +169,18 @@ def summary_markdown(result: Dict[str, Any]) -> str:
         L.append(f"- last passing before it: `{fd.get('last_passing')}` (rel err {_g(fd.get('last_passing_err'))})")
         L.append(f"- failing checks in total: {fd.get('n_failed')}")
     L.append("")
+
+
+def _groups(result: Dict[str, Any], L: List[str]) -> None:
+    """The group table."""
     L.append("## Groups")
     L.append("")
     L += group_table(result, md=True)
     L.append("")
+
+
+def _decisions(result: Dict[str, Any], L: List[str]) -> None:
+    """Every discrete decision, classified."""
     dec = [e for e in result["tensors"] if e["group"] == "decisions"]
     if dec:
         L.append("## Decisions")
@@ -173,6 +196,10 @@ def summary_markdown(result: Dict[str, Any]) -> str:
                 L.append(f"- `{e['name']}` (own choices): {ov.get('same')}/{ov.get('total')} pairs agree — "
                          f"{verdict}{used}")
         L.append("")
+
+
+def _failing(result: Dict[str, Any], L: List[str]) -> None:
+    """The failing checks in forward order."""
     fails = [e for e in result["tensors"] if not e["passed"]]
     if fails:
         L.append(f"## Failing checks (forward order, first 40 of {len(fails)})")
@@ -183,7 +210,10 @@ def summary_markdown(result: Dict[str, Any]) -> str:
             L.append(f"| `{e['name']}` | {e['group']} | {_g(e.get('err'))} | {_g(e.get('floor'))} | "
                      f"{_g(e.get('ratio'), '.3g')} | {e.get('reason', '')} |")
         L.append("")
-    L += floor_passes(result)
+
+
+def _explained(result: Dict[str, Any], L: List[str]) -> None:
+    """float32 tensors reported, not failed."""
     ex = result.get("explained") or []
     if ex:
         L += [f"## float32 tensors reported, not failed ({len(ex)})" + (" — PROVISIONAL, no float64 run confirmed them"
@@ -191,6 +221,10 @@ def summary_markdown(result: Dict[str, Any]) -> str:
               "", "| tensor | err | floor | ratio | evidence |", "|---|---|---|---|---|"]
         L += [f"| `{x['name']}` | {_g(x.get('err'))} | {_g(x.get('floor'))} | {_g(x.get('ratio'), '.3g')} | "
               f"{x['evidence']} |" for x in ex] + [""]
+
+
+def _grads_by_module(result: Dict[str, Any], L: List[str]) -> None:
+    """Gradients by module, worst first."""
     gm = result.get("grads_by_module")
     if gm:
         L.append("## Gradients by module (worst first)")
@@ -203,6 +237,10 @@ def summary_markdown(result: Dict[str, Any]) -> str:
         if len(gm) > 25:
             L.append(f"| ... {len(gm) - 25} more modules in result.json | | | | | |")
         L.append("")
+
+
+def _sides(result: Dict[str, Any], L: List[str]) -> None:
+    """Every side: versions, wall time, timing, memory."""
     L.append("## Sides")
     L.append("")
     L.append("| side | backend | dtype | versions | wall s | in-worker timing s | peak RSS MB |")
@@ -217,7 +255,6 @@ def summary_markdown(result: Dict[str, Any]) -> str:
     for wmsg in result.get("warnings", []):
         L.append(f"- warning: {wmsg}")
     L.append(f"Total wall time {result.get('wall_s', 0):.1f}s. Thresholds: `{result.get('thresholds_file')}`.")
-    return "\n".join(L) + "\n"
 
 
 def print_final(result: Dict[str, Any], stream=None) -> None:
