@@ -39,9 +39,7 @@ from parity.case.images import Categories, coco_results, load_images, load_input
 from parity.case.model import SEEDED_NOTE, write_model_case
 from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, WorkerError
 from parity.fileio import default_out, prepare_out, write_error_result, write_json, write_npz
-from parity.judge.compare import judge_tensor
-from parity.judge.detmatch import filter_dets, match_detections, summarize
-from parity.judge.outputs_match import align_batch
+from parity.judge.detmatch import judge_detect
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.report.detect import print_agreement, verdict_line, write_pictures
 from parity.sides.process import BACKENDS, resolve_python, run_interruptible
@@ -113,7 +111,10 @@ def _run(args: argparse.Namespace) -> int:
         write_error_result(out, "result.json", f"{type(e).__name__}: {e}", base_info)
         raise
     files = write_outputs(args, cfg, backends, inp, res, winfo, cats, out)
-    passed, raw_cmp, rows, summary_ag = compare(args, backends, inp, res, th, sec)
+    passed, raw_cmp, rows, summary_ag = True, [], [], {}
+    if len(backends) == 2:
+        passed, raw_cmp, rows, summary_ag = judge_detect(res["jittor"], res["torch"], inp["names"], inp["ids"],
+                                                         args.conf, th.get("forward", args.dtype, "outputs"), sec)
     files += write_pictures(out, inp, res, backends, rows, args.conf, cats.name, args.max_side, seeded, winfo)
     if len(backends) == 2:
         print_agreement(raw_cmp, rows, args.conf, sec["match_iou"])
@@ -222,38 +223,3 @@ def write_outputs(args, cfg, backends, inp, res, winfo, cats, out) -> List[str]:
         "categories": cats.coco_categories(cfg.num_classes), "annotations": []})
     files.append("images.json")
     return files
-
-
-def compare(args, backends, inp, res, th, sec):
-    """Raw outputs judged with the forward thresholds (a top-k tie flip paired first), and the
-    detections of every image matched -> ``(passed, raw_cmp, rows, summary)``."""
-    passed, raw_cmp, rows, summary_ag = True, [], [], {}
-    if len(backends) != 2:
-        return passed, raw_cmp, rows, summary_ag
-    base, cand = "torch", "jittor"
-    gth = th.get("forward", args.dtype, "outputs")
-    keys = ("pred_logits", "pred_boxes")
-    c_raw, b_raw = {k: res[cand][k] for k in keys}, {k: res[base][k] for k in keys}
-    es = [judge_tensor(k, "outputs", c_raw[k], b_raw[k], th=gth) for k in keys]
-    flip = None
-    if not all(e["passed"] for e in es):
-        # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary) a
-        # few queries: pair them (parity/judge/outputs_match.py), report the flip, judge the rest
-        c_al, b_al, flip = align_batch(c_raw, b_raw)
-        if flip is not None:
-            es = [judge_tensor(k, "outputs", c_al[k], b_al[k], th=gth) for k in keys]
-    for e in es:
-        raw_cmp.append({k: e[k] for k in ("name", "passed", "rule", "err", "cos", "shape", "threshold")
-                        if k in e} | {"max_abs": e["errors"]["cand_base"]["max_abs"],
-                                      **({"reason": e["reason"]} if "reason" in e else {}),
-                                      **({"tie_flip": flip} if flip else {})})
-        passed &= bool(e["passed"])
-    for i in range(len(inp["images"])):
-        b = filter_dets({k: res[base][k][i] for k in ("scores", "labels", "boxes")}, args.conf)
-        c = filter_dets({k: res[cand][k][i] for k in ("scores", "labels", "boxes")}, args.conf)
-        r = match_detections(b, c, sec["match_iou"])
-        rows.append({"image": inp["names"][i], "image_id": inp["ids"][i], **r})
-    summary_ag = summarize(rows)
-    if rows and summary_ag["min_agreement"] < sec["min_agreement"]:
-        passed = False
-    return passed, raw_cmp, rows, summary_ag

@@ -48,7 +48,7 @@ from parity.case.model import SEEDED_NOTE, write_model_case
 from parity.commands.eval_stream import CSV_FIELDS, EvalStream
 from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, WorkerError
 from parity.fileio import default_out, prepare_out, write_error_result, write_json, write_text
-from parity.judge.coco import evaluate_file, metric_diffs
+from parity.judge.coco import eval_passed, evaluate_file, metric_diffs
 from parity.judge.detmatch import summarize, worst
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.report.eval import print_result, render_md, verdict_line
@@ -194,8 +194,7 @@ def judge(args, s, stream: EvalStream, metrics, info, winfo, out: str, t_start: 
     diffs = metric_diffs(metrics["torch"], metrics["jittor"], sec["max_ap_diff"])
     ag = summarize(stream.rows)
     raw_gate = stream.gate.summary()
-    passed = (all(d["passed"] for d in diffs) and ag.get("mean_agreement", 1.0) >= sec["min_mean_agreement"]
-              and raw_gate["passed"])
+    passed = eval_passed(diffs, ag, raw_gate, sec)
     fth = s["th"].get("forward", args.dtype, "outputs")
     raw_cmp = {k: {**v, "threshold_rel_l2": fth.rel_l2, "within_forward_threshold": v["rel_l2"] <= fth.rel_l2}
                for k, v in stream.raw_err.items()}

@@ -19,10 +19,10 @@ from parity.case.contract import write_decisions_from
 from parity.case.faults import FaultError, check_faults_against_spec, parse_faults
 from parity.case.folder import Case, CaseError, build_case
 from parity.commands.options import opt
-from parity.errors import EXIT_FAIL, EXIT_OK, RunError
+from parity.errors import RunError
 from parity.facts import runner_versions
 from parity.fileio import default_out, jsonable, write_json, write_text
-from parity.judge.run_compare import build_result, compare_results, decisions_agree
+from parity.judge.run_compare import compare_results, decisions_agree, pair_result
 from parity.judge.run_verdict import combine, explain_float32
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.report.forward import print_final, summary_markdown
@@ -261,22 +261,14 @@ def compare_pair(fr: ForwardRun, dt: str, pr: Dict[str, Job], before, base_info:
     cmpd = compare_results(fr.stage, dt, base.out, cand.out, ref.out if ref else None, fr.thresholds,
                            cand_shared=cand.meta.get("decisions_injected", {}), cand_side=fr.cand_backend,
                            before=before)
-    entries = cmpd["entries"]
-    if not entries:
+    if not cmpd["entries"]:
         raise RunError("nothing to compare: the base side recorded no tensors", side="torch", cause="protocol")
     labels = {"cand": cand.label, "base": base.label}
     if ref:
         labels["ref"] = ref.label
-    res = dict(base_info)
-    res.update(dtype=dt, labels=labels, reference=ref is not None)
-    res.update(build_result(fr.stage, dt, entries, labels))
-    passed = all(e["passed"] for e in entries)
     rerun_of = fr.reruns.get(dt)
-    res.update(status="pass" if passed else "fail", passed=passed, exit_code=EXIT_OK if passed else EXIT_FAIL,
-               thresholds={g: t.to_dict() for g, t in fr.thresholds.for_run(fr.stage, dt).items()},
-               warnings=cmpd["warnings"], tensors=entries,
-               decisions_rerun=({"own_run": rerun_of, "judged_run": cand.label} if rerun_of else None))
-    return res
+    return pair_result(fr.stage, dt, cmpd, labels, fr.thresholds, base_info,
+                       {"own_run": rerun_of, "judged_run": cand.label} if rerun_of else None)
 
 
 def judge(fr: ForwardRun, base_info: Dict[str, Any]) -> Dict[str, Any]:

@@ -34,6 +34,15 @@ def coco_results(dets: Dict[str, np.ndarray], image_ids: Sequence[int],
     return to_coco_results(kept, image_ids, label_to_category=lut), dropped
 
 
+def eval_passed(diffs: Sequence[Dict[str, Any]], agreement: Dict[str, Any], raw_gate: Dict[str, Any],
+                sec: Dict[str, float]) -> bool:
+    """The eval stage's verdict: every AP difference within ``max_ap_diff``, the mean per-image
+    agreement at least ``min_mean_agreement``, and every batch's raw outputs within the forward
+    bound (``raw_gate``, parity/judge/outputs_match.py)."""
+    return (all(d["passed"] for d in diffs) and agreement.get("mean_agreement", 1.0) >= sec["min_mean_agreement"]
+            and raw_gate["passed"])
+
+
 def evaluate_file(coco_gt, path: str, img_ids: Optional[Sequence[int]] = None) -> "OrderedDict[str, float]":
     """The 12 COCO metrics of a results file (``rtdetr_core.coco_eval.evaluate``)."""
     with open(path, "r", encoding="utf-8") as fh:

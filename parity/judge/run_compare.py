@@ -259,3 +259,18 @@ def build_result(stage, dtype, entries, labels) -> Dict[str, Any]:
         res["grads_by_module"] = S.by_module(grads)
         res["grads_worst_first"] = [e["name"] for e in sorted(grads, key=S.severity, reverse=True)]
     return res
+
+
+def pair_result(stage: str, dt: str, cmpd: Dict[str, Any], labels: Dict[str, str], thresholds,
+                base_info: Dict[str, Any], decisions_rerun: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    """The result of one comparison (candidate vs base, with the reference's floor in float32):
+    the run's facts (``base_info``), the groups, first divergence, every tensor, the verdict."""
+    entries = cmpd["entries"]
+    res = dict(base_info)
+    res.update(dtype=dt, labels=labels, reference="ref" in labels)
+    res.update(build_result(stage, dt, entries, labels))
+    passed = all(e["passed"] for e in entries)
+    res.update(status="pass" if passed else "fail", passed=passed, exit_code=0 if passed else 1,
+               thresholds={g: t.to_dict() for g, t in thresholds.for_run(stage, dt).items()},
+               warnings=cmpd["warnings"], tensors=entries, decisions_rerun=decisions_rerun)
+    return res
