@@ -29,133 +29,174 @@ def compare_results(stage: str, dtype: str, base_path: str, cand_path: str, ref_
     """Every comparison of a run, in forward order (then backward order for gradients).
     ``before``: the weights the optimiser step started from (the case's), for the step
     group's update rule."""
-    ths = thresholds.for_run(stage, dtype)
-    zb = np.load(base_path, allow_pickle=False)
-    zc = np.load(cand_path, allow_pickle=False)
-    zr = np.load(ref_path, allow_pickle=False) if ref_path else None
-    mb, mc = read_npz_meta(zb), read_npz_meta(zc)
-    entries: List[Dict[str, Any]] = []
-    warnings: List[str] = []
-    fc, fb = set(zc.files), set(zb.files)
+    cmp_ = _Comparison(stage, dtype, base_path, cand_path, ref_path, thresholds, cand_shared, cand_side, before)
+    try:
+        cmp_.forward_passes()
+        if stage == "forward":
+            cmp_.train_buffers()
+        if stage == "grad":
+            cmp_.matching()
+            cmp_.losses()
+            cmp_.gradients()
+            cmp_.step()
+    finally:
+        cmp_.close()
+    return {"entries": cmp_.entries, "warnings": cmp_.warnings()}
 
-    def missing(name, group, key, module=None):
-        entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
-                        "passed": False, "rule": None, "shape": list(zb[key].shape),
-                        "reason": f"missing on the {cand_side} side (contract: every name of backends/README.md)"})
 
-    def only_cand(name, group, mode=None, module=None):
+class _Comparison:
+    """The result files of one comparison and the entries judged so far."""
+
+    def __init__(self, stage, dtype, base_path, cand_path, ref_path, thresholds, cand_shared, cand_side, before):
+        self.stage, self.dtype, self.thresholds = stage, dtype, thresholds
+        self.cand_shared, self.cand_side, self.before = cand_shared, cand_side, before
+        self.ths = thresholds.for_run(stage, dtype)
+        self.zb = np.load(base_path, allow_pickle=False)
+        self.zc = np.load(cand_path, allow_pickle=False)
+        self.zr = np.load(ref_path, allow_pickle=False) if ref_path else None
+        self.mb, self.mc = read_npz_meta(self.zb), read_npz_meta(self.zc)
+        self.entries: List[Dict[str, Any]] = []
+        self.fc, self.fb = set(self.zc.files), set(self.zb.files)
+
+    def close(self) -> None:
+        self.zb.close()
+        self.zc.close()
+        if self.zr is not None:
+            self.zr.close()
+
+    def warnings(self) -> List[str]:
+        out = [f"{self.cand_side} side: {w}" for w in self.mc.get("warnings", [])]
+        return out + [f"base side: {w}" for w in self.mb.get("warnings", [])]
+
+    def order(self, meta, kind: str) -> List[str]:
+        return meta.get("order", {}).get(kind, [])
+
+    # --- entries ----------------------------------------------------------------------------
+    def missing(self, name, group, key, module=None):
+        self.entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
+                             "passed": False, "rule": None, "shape": list(self.zb[key].shape),
+                             "reason": f"missing on the {self.cand_side} side (contract: every name of "
+                                       f"backends/README.md)"})
+
+    def only_cand(self, name, group, mode=None, module=None):
         """A name only the candidate records: the contract differs, which fails like a missing one."""
-        entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
-                        "passed": False, "rule": None, "shape": [], "mode": mode,
-                        "reason": f"recorded only on the {cand_side} side, missing on the base side"})
+        self.entries.append({"name": name, "group": group, "kind": "missing", "module": module or name,
+                             "passed": False, "rule": None, "shape": [], "mode": mode,
+                             "reason": f"recorded only on the {self.cand_side} side, missing on the base side"})
 
-    def extras(kind, group, name_of, module_of=None, mode=None):
+    def extras(self, kind, group, name_of, module_of=None, mode=None):
         """Every name of the candidate's order list ``kind`` that the base lacks fails."""
-        known = set(mb.get("order", {}).get(kind, []))
-        for n in mc.get("order", {}).get(kind, []):
+        known = set(self.order(self.mb, kind))
+        for n in self.order(self.mc, kind):
             if n not in known:
-                only_cand(name_of(n), group, mode, module_of(n) if module_of else None)
+                self.only_cand(name_of(n), group, mode, module_of(n) if module_of else None)
 
-    def ref_of(key):
-        if zr is None or key not in zr.files:
+    def ref_of(self, key):
+        if self.zr is None or key not in self.zr.files:
             return None
-        return zr[key]
+        return self.zr[key]
 
-    def one(key, name, group, module=None, prior=None, mode="eval" if stage == "forward" else "train"):
-        if key not in fc:
-            missing(name, group, key, module)
+    def one(self, key, name, group, module=None, prior=None, mode=None):
+        mode = mode or ("eval" if self.stage == "forward" else "train")
+        if key not in self.fc:
+            self.missing(name, group, key, module)
         else:
-            b, c = zb[key], zc[key]
+            b, c = self.zb[key], self.zc[key]
             if b.dtype.kind in "iub" or c.dtype.kind in "iub":
                 if name.endswith("enc_topk_index"):
                     kp = "train/" if key.startswith("train/") else ""
-                    shared = cand_shared.get("train_topk" if kp else "topk", False)
-                    e = _judge_topk(name, kp, zc, zb, zr, thresholds, dtype, shared)
+                    shared = self.cand_shared.get("train_topk" if kp else "topk", False)
+                    e = _judge_topk(name, kp, self.zc, self.zb, self.zr, self.thresholds, self.dtype, shared)
                     e["module"] = module or name
                 else:
                     e = C.judge_exact(name, group, c, b, module=module)
             else:
-                e = C.judge_tensor(name, group, c, b, ref_of(key), ths[group], module=module, before=prior)
-            entries.append(e)
-        entries[-1]["mode"] = mode       # first_divergence looks upstream within one forward pass
+                e = C.judge_tensor(name, group, c, b, self.ref_of(key), self.ths[group], module=module, before=prior)
+            self.entries.append(e)
+        self.entries[-1]["mode"] = mode       # first_divergence looks upstream within one forward pass
 
-    # 1. intermediates (forward order), outputs; the forward stage then does the same for its
-    #    train-mode pass (BN batch statistics): groups train_intermediates / train_outputs,
-    #    names and modules prefixed "train."
-    passes = [("", "", "intermediates", "outputs", "eval" if stage == "forward" else "train")]
-    if stage == "forward":
-        passes.append(("train/", "train.", "train_intermediates", "train_outputs", "train"))
-    for kp, name_pre, g_int, g_out, mode in passes:
-        inter = mb.get("order", {}).get(kp + "intermediates", [])
-        if kp and not inter:
-            continue          # a result written before the forward stage had a train-mode pass
-        for n in inter:
-            one(f"{kp}int/{n}", name_pre + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
-                module=name_pre + n if name_pre else None, mode=mode)
-        for n in mc.get("order", {}).get(kp + "intermediates", []):
-            if n not in set(inter):
-                only_cand(name_pre + n, g_int, mode)
-        for n in mb.get("order", {}).get(kp + "outputs", []):
-            if n in inter:
-                continue          # the same tensor as the intermediate of that name
-            one(f"{kp}out/{n}", f"{name_pre}outputs.{n}", g_out, module=name_pre + "outputs", mode=mode)
-        extras(kp + "outputs", g_out, lambda n: f"{name_pre}outputs.{n}", lambda n: name_pre + "outputs", mode)
+    def prior(self, n):
+        return None if self.before is None else self.before.get(n)
 
-    if stage == "forward" and mb.get("order", {}).get("train/buffers"):
-        # BatchNorm running statistics after the train-mode pass, judged on their update
-        for n in mb["order"]["train/buffers"]:
-            one(f"train/buf/{n}", f"train.buffer.{n}", "train_buffers", module="train." + S.module_of(n),
-                prior=None if before is None else before.get(n), mode="train")
-        extras("train/buffers", "train_buffers", lambda n: f"train.buffer.{n}", lambda n: "train." + S.module_of(n),
-               "train")
-    if stage == "grad":
-        # 2. the matching costs (continuous: a wrong cost term may leave every assignment of a
-        #    batch unchanged, so only the costs themselves show it), then the decisions
-        for call in mb.get("order", {}).get("matches", []):
+    # --- the groups, in order ------------------------------------------------------------------
+    def forward_passes(self) -> None:
+        """1. intermediates (forward order), outputs; the forward stage then does the same for its
+        train-mode pass (BN batch statistics): groups train_intermediates / train_outputs, names
+        and modules prefixed "train."."""
+        passes = [("", "", "intermediates", "outputs", "eval" if self.stage == "forward" else "train")]
+        if self.stage == "forward":
+            passes.append(("train/", "train.", "train_intermediates", "train_outputs", "train"))
+        for kp, name_pre, g_int, g_out, mode in passes:
+            inter = self.order(self.mb, kp + "intermediates")
+            if kp and not inter:
+                continue          # a result written before the forward stage had a train-mode pass
+            for n in inter:
+                self.one(f"{kp}int/{n}", name_pre + n, g_out if n in ("pred_logits", "pred_boxes") else g_int,
+                         module=name_pre + n if name_pre else None, mode=mode)
+            for n in self.order(self.mc, kp + "intermediates"):
+                if n not in set(inter):
+                    self.only_cand(name_pre + n, g_int, mode)
+            for n in self.order(self.mb, kp + "outputs"):
+                if n in inter:
+                    continue          # the same tensor as the intermediate of that name
+                self.one(f"{kp}out/{n}", f"{name_pre}outputs.{n}", g_out, module=name_pre + "outputs", mode=mode)
+            self.extras(kp + "outputs", g_out, lambda n: f"{name_pre}outputs.{n}", lambda n: name_pre + "outputs",
+                        mode)
+
+    def train_buffers(self) -> None:
+        """BatchNorm running statistics after the train-mode pass, judged on their update."""
+        if not self.order(self.mb, "train/buffers"):
+            return
+        for n in self.mb["order"]["train/buffers"]:
+            self.one(f"train/buf/{n}", f"train.buffer.{n}", "train_buffers", module="train." + S.module_of(n),
+                     prior=self.prior(n), mode="train")
+        self.extras("train/buffers", "train_buffers", lambda n: f"train.buffer.{n}",
+                    lambda n: "train." + S.module_of(n), "train")
+
+    def matching(self) -> None:
+        """2. the matching costs (continuous: a wrong cost term may leave every assignment of a
+        batch unchanged, so only the costs themselves show it), then the decisions."""
+        calls = self.order(self.mb, "matches")
+        for call in calls:
             key = f"note/match_cost/{call}"
-            if key in fb or key in fc:
-                if key not in fb:
-                    only_cand(f"matcher.cost.{call}", "outputs", "train", "matcher")
+            if key in self.fb or key in self.fc:
+                if key not in self.fb:
+                    self.only_cand(f"matcher.cost.{call}", "outputs", "train", "matcher")
                 else:
-                    one(key, f"matcher.cost.{call}", "outputs", module="matcher")
-        for call in mb.get("order", {}).get("matches", []):
-            bl, cl = _own_matches(zb, call), _own_matches(zc, call)
+                    self.one(key, f"matcher.cost.{call}", "outputs", module="matcher")
+        for call in calls:
+            bl, cl = _own_matches(self.zb, call), _own_matches(self.zc, call)
             if not cl:
-                entries.append({"name": f"matches.{call}", "group": "decisions", "kind": "missing",
-                                "module": "matcher", "passed": False, "rule": None, "shape": [],
-                                "reason": f"no matches for call '{call}' on the {cand_side} side"})
+                self.entries.append({"name": f"matches.{call}", "group": "decisions", "kind": "missing",
+                                     "module": "matcher", "passed": False, "rule": None, "shape": [],
+                                     "reason": f"no matches for call '{call}' on the {self.cand_side} side"})
                 continue
-            entries.append(_judge_matches(call, cl, bl, zb, zr, thresholds, dtype,
-                                          cand_shared.get("matches", False)))
-        # 3. losses
-        for n in mb.get("order", {}).get("losses", []):
-            one(f"loss/{n}", f"loss.{n}", "losses", module="criterion")
-        one("loss_total", "loss.total", "losses", module="criterion")
-        extras("losses", "losses", lambda n: f"loss.{n}", lambda n: "criterion")
-        extras("matches", "decisions", lambda n: f"matches.{n}", lambda n: "matcher")
-        # 4. gradients (backward order)
-        for n in _grad_order(mb.get("order", {}).get("grads", [])):
-            one(f"grad/{n}", f"grad.{n}", "grads", module=S.module_of(n))
-        # the total gradient norm clip_grad_norm saw in train_step (a gradient quantity)
-        one("step_grad_norm", "grad.total_norm", "grads", module="optimizer")
-        extras("grads", "grads", lambda n: f"grad.{n}", S.module_of)
-        # 5. parameters (and BN statistics) after one optimiser step
-        for n in mb.get("order", {}).get("step", []):
-            one(f"step/{n}", f"step.{n}", "step", module=S.module_of(n),
-                prior=None if before is None else before.get(n))
-            if not entries[-1]["passed"] and zr is not None and before is not None and n in before:
-                _near_zero_gradient(entries[-1], n, zb, zc, zr, before[n])
-        extras("step", "step", lambda n: f"step.{n}", S.module_of)
-    zb.close()
-    zc.close()
-    if zr is not None:
-        zr.close()
-    for m, side in ((mc, cand_side),):
-        for w in m.get("warnings", []):
-            warnings.append(f"{side} side: {w}")
-    for w in mb.get("warnings", []):
-        warnings.append(f"base side: {w}")
-    return {"entries": entries, "warnings": warnings}
+            self.entries.append(_judge_matches(call, cl, bl, self.zb, self.zr, self.thresholds, self.dtype,
+                                               self.cand_shared.get("matches", False)))
+
+    def losses(self) -> None:
+        """3. every loss term and the total."""
+        for n in self.order(self.mb, "losses"):
+            self.one(f"loss/{n}", f"loss.{n}", "losses", module="criterion")
+        self.one("loss_total", "loss.total", "losses", module="criterion")
+        self.extras("losses", "losses", lambda n: f"loss.{n}", lambda n: "criterion")
+        self.extras("matches", "decisions", lambda n: f"matches.{n}", lambda n: "matcher")
+
+    def gradients(self) -> None:
+        """4. every gradient (backward order), and the total norm clip_grad_norm saw in train_step."""
+        for n in _grad_order(self.order(self.mb, "grads")):
+            self.one(f"grad/{n}", f"grad.{n}", "grads", module=S.module_of(n))
+        self.one("step_grad_norm", "grad.total_norm", "grads", module="optimizer")
+        self.extras("grads", "grads", lambda n: f"grad.{n}", S.module_of)
+
+    def step(self) -> None:
+        """5. parameters (and BN statistics) after one optimiser step, judged on the update."""
+        for n in self.order(self.mb, "step"):
+            self.one(f"step/{n}", f"step.{n}", "step", module=S.module_of(n), prior=self.prior(n))
+            if (not self.entries[-1]["passed"] and self.zr is not None and self.before is not None
+                    and n in self.before):
+                _near_zero_gradient(self.entries[-1], n, self.zb, self.zc, self.zr, self.before[n])
+        self.extras("step", "step", lambda n: f"step.{n}", S.module_of)
 
 
 # ----------------------------------------------------------------------------------------
