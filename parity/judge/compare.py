@@ -110,29 +110,50 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
     base = np.asarray(base)
     e: Dict[str, Any] = {"name": name, "group": group, "kind": "tensor", "module": module or name,
                          "shape": list(base.shape), "threshold": th.to_dict()}
-    # non-finite values: NaN always fails; +-inf must sit where the float64 reference (or, in
-    # a float64 comparison, the base) has the same inf -- e.g. the masked anchors
-    nf = {"cand": _nonfinite(cand), "base": _nonfinite(base)}
-    if ref is not None:
-        nf["ref"] = _nonfinite(np.asarray(ref))
-    if any(v["nan"] or v["inf"] for v in nf.values()):
-        e["nonfinite"] = nf
-        exact = np.asarray(ref if ref is not None else base)
-        bad = [s for s, v in nf.items() if v["nan"]]
-        if not bad:
-            for s, x in (("cand", cand), ("base", base)):
-                if not np.array_equal(np.where(np.isinf(x), x, 0), np.where(np.isinf(exact), exact, 0)):
-                    bad.append(s)
-        if bad:
-            e.update(passed=False, rule=None, err=math.inf, cos=0.0, errors={},
-                     reason="non-finite values (" + ", ".join(f"{s}: {v['nan']} NaN, {v['inf']} inf"
-                                                              for s, v in nf.items()) + ")")
-            return e
+    if _nonfinite_fails(e, cand, base, ref):
+        return e
     if before is not None:
         b0 = np.asarray(before, dtype=np.float64)
         cand, base = cand.astype(np.float64) - b0, base.astype(np.float64) - b0
         ref = None if ref is None else np.asarray(ref, dtype=np.float64) - b0
         e["on"] = "update"
+    errors = _measure(e, cand, base, ref, th)
+    if "mismatch" in errors["cand_base"]:
+        e.update(passed=False, rule=None, reason=errors["cand_base"]["mismatch"])
+        return e
+    rule, floor_within = _rule(e, cand, base, ref, th, errors)
+    e["passed"] = rule is not None
+    e["rule"] = rule
+    if rule is None:
+        e["reason"] = _reason(e, cand, base, ref, th, errors, floor_within)
+    return e
+
+
+def _nonfinite_fails(e: Dict[str, Any], cand, base, ref) -> bool:
+    """NaN always fails; +-inf must sit where the float64 reference (or, in a float64
+    comparison, the base) has the same inf -- e.g. the masked anchors."""
+    nf = {"cand": _nonfinite(cand), "base": _nonfinite(base)}
+    if ref is not None:
+        nf["ref"] = _nonfinite(np.asarray(ref))
+    if not any(v["nan"] or v["inf"] for v in nf.values()):
+        return False
+    e["nonfinite"] = nf
+    exact = np.asarray(ref if ref is not None else base)
+    bad = [s for s, v in nf.items() if v["nan"]]
+    if not bad:
+        for s, x in (("cand", cand), ("base", base)):
+            if not np.array_equal(np.where(np.isinf(x), x, 0), np.where(np.isinf(exact), exact, 0)):
+                bad.append(s)
+    if bad:
+        e.update(passed=False, rule=None, err=math.inf, cos=0.0, errors={},
+                 reason="non-finite values (" + ", ".join(f"{s}: {v['nan']} NaN, {v['inf']} inf"
+                                                          for s, v in nf.items()) + ")")
+        return True
+    return False
+
+
+def _measure(e: Dict[str, Any], cand, base, ref, th: GroupThreshold) -> Dict[str, Any]:
+    """The three errors (candidate vs base; with a reference, the floor and candidate vs reference)."""
     errors = {"cand_base": tensor_errors(cand, base)}
     if ref is not None:
         errors["base_ref"] = tensor_errors(base, ref)
@@ -146,8 +167,7 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
         e["err_ref"] = errors["cand_ref"]["rel_l2"]
         e["ratio"] = _ratio(e["err_ref"], e["floor"])
     if "mismatch" in cb:
-        e.update(passed=False, rule=None, reason=cb["mismatch"])
-        return e
+        return errors
     if ref is not None and "mismatch" not in errors["cand_ref"] and "mismatch" not in errors["base_ref"]:
         # the direction check of the floor rule: J32's angle to the exact answer is within
         # cos_ref, or at most k x T32's own angle (1 - cos ~ angle^2 / 2): a tensor whose
@@ -156,51 +176,58 @@ def judge_tensor(name: str, group: str, cand, base, ref=None, th: Optional[Group
         e["cos_ok"] = bool(th.cos_ref is None or c_cr >= th.cos_ref
                            or (th.k is not None and 1.0 - c_cr <= th.k ** 2 * (1.0 - c_br)))
         e["within_cap"] = bool(th.cap is None or e["err_ref"] <= th.cap)
+    return errors
+
+
+def _rule(e: Dict[str, Any], cand, base, ref, th: GroupThreshold, errors: Dict[str, Any]):
+    """``(the first rule that holds or None, within the floor rule's ratio)`` (RULE_ORDER)."""
+    cb = errors["cand_base"]
     exact = np.asarray(ref if ref is not None else base)
     exact_max = float(np.max(np.abs(exact[np.isfinite(exact)]))) if exact.size else 0.0
-    rule = None
-    floor_within = False
     if np.array_equal(cand, base, equal_nan=False) and cand.dtype == base.dtype:
-        rule = "exact"
-    elif cb["rel_l2"] <= th.rel_l2 and (th.cos is None or cb["cos"] >= th.cos):
-        rule = "fixed"
-    elif (th.atol is not None and (th.zero_ref is None or exact_max <= th.zero_ref)
-          and (cb["max_abs"] <= th.atol
-               or (ref is not None and th.k is not None
-                   and errors["cand_ref"]["max_abs"] <= th.k * errors["base_ref"]["max_abs"] + th.atol))):
+        return "exact", False
+    if cb["rel_l2"] <= th.rel_l2 and (th.cos is None or cb["cos"] >= th.cos):
+        return "fixed", False
+    if (th.atol is not None and (th.zero_ref is None or exact_max <= th.zero_ref)
+            and (cb["max_abs"] <= th.atol
+                 or (ref is not None and th.k is not None
+                     and errors["cand_ref"]["max_abs"] <= th.k * errors["base_ref"]["max_abs"] + th.atol))):
         # only for a tensor whose exact value is ~0 (an unreachable parameter, a BN bias
         # feeding a train-mode BN): the candidate must be ~0 too -- within atol of the base,
         # or (float32) no further from zero than k x the base's own float32 residue
-        rule = "abs"
-    elif (ref is not None and th.k is not None and "mismatch" not in errors["base_ref"]
-          and "mismatch" not in errors["cand_ref"]
-          and e["err_ref"] <= th.k * e["floor"] + th.allowance):
-        floor_within = True
+        return "abs", False
+    if (ref is not None and th.k is not None and "mismatch" not in errors["base_ref"]
+            and "mismatch" not in errors["cand_ref"]
+            and e["err_ref"] <= th.k * e["floor"] + th.allowance):
         if e["within_cap"] and e["cos_ok"]:
-            rule = "floor"
-        elif e["cos_ok"]:
+            return "floor", True
+        if e["cos_ok"]:
             e["cap_only"] = True
-    e["passed"] = rule is not None
-    e["rule"] = rule
-    if rule is None:
-        why = [f"rel_l2 {cb['rel_l2']:.3g} > {th.rel_l2:.3g}" if cb["rel_l2"] > th.rel_l2
-               else f"cos {cb['cos']:.9f} < {th.cos}"]
-        if ref is not None and th.k is not None:
-            if floor_within:
-                why.append(f"within {e['ratio']:.3g}x the float32 floor {e['floor']:.3g}, but err vs float64 "
-                           f"{e['err_ref']:.3g} > cap {th.cap} or cos {errors['cand_ref']['cos']:.6f} < {th.cos_ref}")
-            else:
-                why.append(f"err vs float64 {e['err_ref']:.3g} > {th.k:g} x floor {e['floor']:.3g}"
-                           f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
-        conc = error_concentration(cand, base if ref is None else ref)
-        if conc is not None:
-            e["concentration"] = conc
-            if conc["few"]:
-                why.append(f"{100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
-                           f"(row {conc['row']} the largest; a ReLU/grid_sample kink flip -- or a fault in those "
-                           f"units -- looks like this; the float64 run decides)")
-        e["reason"] = "; ".join(why)
-    return e
+        return None, True
+    return None, False
+
+
+def _reason(e: Dict[str, Any], cand, base, ref, th: GroupThreshold, errors: Dict[str, Any],
+            floor_within: bool) -> str:
+    """Why no rule held, in one line (with where the error sits, when it sits in a few rows)."""
+    cb = errors["cand_base"]
+    why = [f"rel_l2 {cb['rel_l2']:.3g} > {th.rel_l2:.3g}" if cb["rel_l2"] > th.rel_l2
+           else f"cos {cb['cos']:.9f} < {th.cos}"]
+    if ref is not None and th.k is not None:
+        if floor_within:
+            why.append(f"within {e['ratio']:.3g}x the float32 floor {e['floor']:.3g}, but err vs float64 "
+                       f"{e['err_ref']:.3g} > cap {th.cap} or cos {errors['cand_ref']['cos']:.6f} < {th.cos_ref}")
+        else:
+            why.append(f"err vs float64 {e['err_ref']:.3g} > {th.k:g} x floor {e['floor']:.3g}"
+                       f" + {th.allowance:.2g} (ratio {e['ratio']:.3g})")
+    conc = error_concentration(cand, base if ref is None else ref)
+    if conc is not None:
+        e["concentration"] = conc
+        if conc["few"]:
+            why.append(f"{100 * conc['share']:.0f}% of the error in {conc['rows_needed']} of {conc['rows']} rows "
+                       f"(row {conc['row']} the largest; a ReLU/grid_sample kink flip -- or a fault in those "
+                       f"units -- looks like this; the float64 run decides)")
+    return "; ".join(why)
 
 
 def error_concentration(cand, ref, min_share: float = 0.9, few_frac: float = 0.25) -> Optional[Dict[str, Any]]:
