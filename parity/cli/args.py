@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Iterable
 
-from rtdetr_core.config import available_presets
-
 from parity.errors import UsageError
 
 # taken by every stage
@@ -41,16 +39,24 @@ def add_common(rp: argparse.ArgumentParser, stages: Iterable[str]) -> None:
     add("--seed", type=int)
     add("--out", help="output folder (default reports/runs/<time>-<stage>-<config>)")
     add_interpreters(rp)
-    add("-v", "--verbose", action="store_true", default=None,
-        help="show backend output (Jittor compile chatter)")
+    add_verbose(rp, default=None)
     add("--thresholds", metavar="YAML", help="thresholds file (default: parity/thresholds.yaml)")
     add("--timeout", type=float, metavar="SECONDS", help="kill a worker that runs longer than this (exit 2)")
 
 
-def add_interpreters(p: argparse.ArgumentParser, default=None) -> None:
+def add_interpreters(p: argparse.ArgumentParser) -> None:
     """--torch-python / --jittor-python (every command that starts workers)."""
-    p.add_argument("--torch-python", default=default, help="interpreter of the PyTorch environment")
-    p.add_argument("--jittor-python", default=default, help="interpreter of the Jittor environment")
+    p.add_argument("--torch-python", default=None, help="interpreter of the PyTorch environment")
+    p.add_argument("--jittor-python", default=None, help="interpreter of the Jittor environment")
+
+
+def add_verbose(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="show backend output (Jittor compile chatter)")
+
+
+# the groups a command of parity/cli/registry.py can take (added after its own options)
+COMMAND_GROUPS = {"interpreters": add_interpreters, "verbose": add_verbose}
 
 
 def add_groups(rp: argparse.ArgumentParser) -> None:
@@ -95,7 +101,3 @@ def apply_stage_options(args: argparse.Namespace, rp: argparse.ArgumentParser, m
     elif args.dtype == "both" and args.stage not in SPLIT_DTYPE:
         raise UsageError(f"--dtype both: only for --stage forward|grad (the {args.stage} stage runs "
                          f"float32 with a float64 reference, or float64)")
-
-
-def config_help() -> str:
-    return f"preset ({', '.join(available_presets())}) or YAML path"

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from rtdetr_core.config import ConfigError
 
-from parity.cli.args import add_common, add_groups, apply_stage_options
+from parity.cli.args import COMMAND_GROUPS, add_common, add_groups, apply_stage_options
 from parity.cli.registry import COMMANDS, STAGES, stage_module
 from parity.errors import EXIT_OK, EXIT_USAGE, UsageError
 
@@ -19,12 +19,14 @@ from parity.errors import EXIT_OK, EXIT_USAGE, UsageError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (mod, helptext) in COMMANDS.items():
+    for name, (mod, helptext, groups) in COMMANDS.items():
         if name == "run":
             _add_run(sub, helptext)
             continue
         xp = sub.add_parser(name, help=helptext)
         mod.add_arguments(xp)
+        for g in groups:
+            COMMAND_GROUPS[g](xp)
         xp.set_defaults(func=mod.run)
     return p
 

@@ -12,13 +12,15 @@ from parity.commands import bench, detect, eval as eval_stage, forward, report, 
 STAGE_MODULES = {"forward": forward, "grad": forward, "train": train, "eval": eval_stage}
 STAGES = tuple(STAGE_MODULES)
 
+# name -> (module, help, shared option groups of parity/cli/args.py it takes)
 COMMANDS = {
-    "spec": (spec, "print the parameter spec (the state_dict contract) of a config"),
-    "run": (None, "run a parity stage in both environments and compare"),
-    "report": (report, "render run folders into report.md/json + plots"),
-    "detect": (detect, "run both backends on images and draw their detections"),
-    "bench": (bench, "speed and memory of both backends side by side"),
-    "selftest": (selftest, "plant porting bugs in the Jittor backend and measure what the harness catches"),
+    "spec": (spec, "print the parameter spec (the state_dict contract) of a config", ()),
+    "run": (None, "run a parity stage in both environments and compare", ()),
+    "report": (report, "render run folders into report.md/json + plots", ()),
+    "detect": (detect, "run both backends on images and draw their detections", ("interpreters", "verbose")),
+    "bench": (bench, "speed and memory of both backends side by side", ("interpreters", "verbose")),
+    "selftest": (selftest, "plant porting bugs in the Jittor backend and measure what the harness catches",
+                 ("interpreters",)),
 }
 
 

@@ -99,9 +99,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also run one call under Jittor's profiler and list its slowest ops")
     p.add_argument("--out", default=None, help="output folder (default reports/runs/<time>-bench-<config>)")
-    p.add_argument("--torch-python", default=None, help="interpreter of the PyTorch environment")
-    p.add_argument("--jittor-python", default=None, help="interpreter of the Jittor environment")
-    p.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
 
 
 # ----------------------------------------------------------------------------------------

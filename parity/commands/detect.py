@@ -69,9 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label names/ids: auto (COCO when the model has 80 classes), coco, none, or a COCO "
                         "annotation JSON whose 'categories' give the ids and names")
     p.add_argument("--thresholds", default=None, metavar="YAML", help="thresholds file (default: parity/thresholds.yaml)")
-    p.add_argument("--torch-python", default=None, help="interpreter of the PyTorch environment")
-    p.add_argument("--jittor-python", default=None, help="interpreter of the Jittor environment")
-    p.add_argument("-v", "--verbose", action="store_true", help="show backend output (Jittor compile chatter)")
 
 
 def run(args: argparse.Namespace) -> int:

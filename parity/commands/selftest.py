@@ -56,8 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the bugs and exit")
     p.add_argument("--out", default=None, help="output folder (default reports/runs/<time>-selftest)")
     p.add_argument("--bugs-file", default=None, help=argparse.SUPPRESS)      # tests: a bad patch list
-    p.add_argument("--torch-python", default=None, help="interpreter of the PyTorch environment")
-    p.add_argument("--jittor-python", default=None, help="interpreter of the Jittor environment")
 
 
 def _say(msg: str) -> None:
