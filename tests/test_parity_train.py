@@ -155,7 +155,7 @@ import json, sys
 from rtdetr_core.config import load_config
 from rtdetr_core.data import ensure_synthetic_dataset, open_split, iterate_batches
 from rtdetr_core.rng import Streams
-from parity.workers.train import batch_digest, read_epoch_streams, epoch_file, load_data
+from parity.case.train import batch_digest, read_epoch_streams, epoch_file, load_data
 run = sys.argv[1]
 cfg = load_config("smoke"); cfg.train.batch_size = 2
 ds = open_split(ensure_synthetic_dataset(), "train", cfg.train.image_size)
