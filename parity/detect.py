@@ -345,7 +345,8 @@ def _run(args: argparse.Namespace) -> int:
 
     case_dir = os.path.join(out, ".case")
     image_ids = list(range(1, n + 1))
-    raw: Dict[str, Dict[str, List[np.ndarray]]] = {be: {k: [] for k in ("pred_logits", "pred_boxes", "scores", "labels", "boxes")}
+    raw: Dict[str, Dict[str, List[np.ndarray]]] = {be: {k: [] for k in ("pred_logits", "pred_boxes", "scores", "labels", "boxes",
+                                                                     "topk_index", "topk_scores")}
                                                    for be in backends}
     try:
         write_model_case(case_dir, cfg, weights, winfo, stage="detect", seed=args.seed)
@@ -407,9 +408,11 @@ def _run(args: argparse.Namespace) -> int:
         es = [judge_tensor(k, "outputs", c_raw[k], b_raw[k], th=gth) for k in keys]
         flip = None
         if not all(e["passed"] for e in es):
-            # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary) a
-            # few queries: pair them (parity/outputs_match.py), report the flip, judge the rest
-            c_al, b_al, flip = align_batch(c_raw, b_raw)
+            # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary)
+            # queries: pair them by encoder token (parity/outputs_match.py), report the flip,
+            # judge the rest
+            c_al, b_al, flip = align_batch(c_raw, b_raw, index=tuple((res[be]["topk_index"], res[be]["topk_scores"])
+                                                                     for be in (cand, base)))
             if flip is not None:
                 es = [judge_tensor(k, "outputs", c_al[k], b_al[k], th=gth) for k in keys]
         for e in es:

@@ -269,12 +269,14 @@ def _run(args: argparse.Namespace) -> int:
         res = {}
         for be, p in outs.items():
             with np.load(p, allow_pickle=False) as z:
-                res[be] = {key: z[key] for key in ("pred_logits", "pred_boxes", "scores", "labels", "boxes")}
+                res[be] = {key: z[key] for key in ("pred_logits", "pred_boxes", "scores", "labels", "boxes",
+                                                   "topk_index", "topk_scores")}
             results, d = coco_results_from(res[be], ids, lut)
             dropped[be] += d
             writers[be].extend(results)
         gate.add(k, {key: res["jittor"][key] for key in ("pred_logits", "pred_boxes")},
-                 {key: res["torch"][key] for key in ("pred_logits", "pred_boxes")})
+                 {key: res["torch"][key] for key in ("pred_logits", "pred_boxes")},
+                 tuple((res[be]["topk_index"], res[be]["topk_scores"]) for be in ("jittor", "torch")))
         for key in raw_err:
             e = tensor_errors(res["jittor"][key], res["torch"][key])
             raw_err[key]["rel_l2"] = max(raw_err[key]["rel_l2"], float(e["rel_l2"]))

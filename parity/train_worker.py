@@ -20,7 +20,7 @@ Output, all under ``RUN_DIR/LABEL/`` (every file written atomically)::
                                       means, status (running | completed | stopped | nonfinite),
                                       the non-finite event, versions, threads, peak RSS;
                                       rewritten after every epoch
-    eval/epoch_NNNN.npz               pred_logits / pred_boxes of the val images (EMA model when
+    eval/epoch_NNNN.npz               pred_logits / pred_boxes / topk_index / topk_scores of the val images (EMA model when
                                       EMA is on); the runner turns them into COCO mAP
     checkpoints/epoch_NNNN/           weights.safetensors (adapter dtype), train_state.npz
                                       (optimizer moments/steps/lr, EMA), state.json (epoch,
@@ -57,6 +57,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .fileio import read_json, read_npz_meta, sha256_file, write_bytes, write_json, write_npz
+from .topk_capture import TOPK_CAPTURE, topk_selection
 from .worker import EXIT_CRASH, EXIT_ENV, EXIT_INPUT, EXIT_OK, Worker, WorkerFailure, peak_rss_mb
 
 LOG_SCHEMA = 1
@@ -321,12 +322,14 @@ class TrainWorker:
             model = self.eval_adapter
         imgs = self.data["val_images"]
         bs = int(self.plan["eval_batch_size"])
-        logits, boxes = [], []
+        logits, boxes, topk = [], [], []
         for s in range(0, len(imgs), bs):
-            out = model.forward(imgs[s:s + bs].astype(self.args.dtype, copy=False))
+            out = model.forward(imgs[s:s + bs].astype(self.args.dtype, copy=False), capture=TOPK_CAPTURE)
             logits.append(np.asarray(out["pred_logits"]))
             boxes.append(np.asarray(out["pred_boxes"]))
+            topk.append(topk_selection(out))
         arrays = {"pred_logits": np.concatenate(logits), "pred_boxes": np.concatenate(boxes),
+                  **{k: np.concatenate([t[k] for t in topk]) for k in ("topk_index", "topk_scores")},
                   "image_ids": self.data["val_ids"], "orig_sizes": self.data["val_orig_sizes"]}
         write_npz(os.path.join(self.dir, "eval", f"epoch_{epoch:04d}.npz"), arrays,
                   {"epoch": epoch, "ema": ema is not None, "backend": self.args.backend, "dtype": self.args.dtype})
