@@ -243,8 +243,9 @@ def test_buffer_only_fault_fails_the_train_stage(tmp_path):
     with open(os.path.join(out, "result.json")) as fh:
         res = json.load(fh)
     failed = {c["check"] for c in res["checks"] if not c["passed"]}
+    # the losses never noticed: every loss check, lock-step included, passed (the lock-step
+    # length itself is float32 noise: 4/4 on AVX-512, 3/4 under AVX2, clean code alike)
     assert failed == {"buffer_rel", "eval_outputs_rel"}, res["verdict"]
-    assert res["metrics"]["cand_base"]["lockstep"]["length"] == 4            # the losses never noticed
     assert "buffer_rel" in res["verdict"] and "running_" in res["verdict"]
     assert any("momentum" in f for f in res["sides"][1]["faults"])
 

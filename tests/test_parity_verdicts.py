@@ -194,6 +194,45 @@ def test_train_eval_outputs_compared_with_tie_pairing(tmp_path):
     assert not c["passed"] and "missing" in c["reason"]
 
 
+def _selection(b=2, q=12, seed=1):
+    """Top-k of 20 tokens per image: (indices [B, Q], descending scores [B, Q])."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.permutation(20)[:q] for _ in range(b)]).astype(np.int64)
+    return idx, -np.sort(-rng.uniform(0, 1, (b, q)))
+
+
+def test_train_eval_outputs_paired_by_token():
+    """Measured under AVX2 (train stage, smoke, 2 epochs): 3 pairs of adjacent queries swapped
+    per image -- 6 moved rows, more than the nearest-neighbour pairing allows (4) -- gave a
+    row-by-row error of 0.108 on correct code; paired by the token each query came from: 6.9e-5."""
+    base = _outputs()
+    sel_b = _selection()
+    perm = np.arange(12)
+    for i in (1, 4, 7):                          # three adjacent swaps in every image
+        perm[[i, i + 1]] = perm[[i + 1, i]]
+    cand = {k: v[:, perm].copy() for k, v in base.items()}
+    sel_c = (sel_b[0][:, perm], sel_b[1].copy())            # same tokens, other order; own order sorted
+    assert align_batch(cand, base, 4)[2] is None           # nearest neighbour: 6 moved > 4, no tie
+    r = outputs_rel(cand, base, 4, (sel_c, sel_b))
+    assert r["worst"] == 0.0 and r["flip"]["paired_by"] == "token" and r["flip"]["kind"] == "order"
+    assert [e["moved"] for e in r["flip"]["images"]] == [6, 6]
+    # paired rows must still agree
+    wrong = {k: v * np.float32(1.01) for k, v in cand.items()}
+    assert outputs_rel(wrong, base, 4, (sel_c, sel_b))["worst"] == pytest.approx(0.01, rel=1e-3)
+    # a side whose queries are not in its own score order (e.g. a reversed selection) is no tie
+    rev = {k: v[:, ::-1].copy() for k, v in base.items()}
+    sel_rev = (sel_b[0][:, ::-1], sel_b[1][:, ::-1])
+    r = outputs_rel(rev, base, 4, (sel_rev, sel_b))
+    assert r["flip"] is None and r["worst"] > 0.1
+    # a set flip: one token only on one side counts against max_tie_rows, moves do not
+    sel_set = (sel_c[0].copy(), sel_c[1])
+    sel_set[0][:, -1] = 99
+    c_out, b_out, flip = align_batch(cand, base, 4, (sel_set, sel_b))
+    assert flip["kind"] == "set" and [e["unmatched"] for e in flip["images"]] == [1, 1]
+    assert c_out["pred_logits"].shape == (22, 3)
+    assert align_batch(cand, base, 0, (sel_set, sel_b))[2] is None
+
+
 # ----------------------------------------------------------------------------------------
 # hole 3: eval stage raw-output gate (streamed, tie-tolerant)
 # ----------------------------------------------------------------------------------------

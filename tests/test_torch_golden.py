@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from backends.torch_impl import Adapter
+from golden_match import rows_match, selection_matches, top_scores
 from rtdetr_core.init import seeded_weights
 
 pytestmark = pytest.mark.torch
@@ -77,34 +78,19 @@ def max_abs(a, b):
 
 def check_eval(adapter, weights, golden, case):
     adapter.load_weights(weights)             # fresh running stats whatever ran before
-    out = adapter.forward(golden[f"{case}_input"])
+    out = adapter.forward(golden[f"{case}_input"], capture=True)
     check_outputs(out, golden, case)
     return out
 
 
-def check_outputs(out, golden, case, max_moved=4, tol=1e-4):
-    """pred_logits / pred_boxes within ``tol`` of the reference, up to the order of a few
-    near-tied top-k queries (score gaps ~1e-6 flip with float32 rounding)."""
+def check_outputs(out, golden, case, tol=1e-4, mode="eval"):
+    """pred_logits / pred_boxes within ``tol`` of the reference, up to the order of queries
+    whose top-k scores are near-tied (``out`` from a captured forward: its own scores say
+    which rows may move; tests/golden_match.py)."""
     for k in ("pred_logits", "pred_boxes"):
         assert out[k].shape == golden[f"{case}_{k}"].shape
-    worst, moved = aligned_max_diff(out["pred_logits"], out["pred_boxes"],
-                                    golden[f"{case}_pred_logits"], golden[f"{case}_pred_boxes"])
-    assert worst <= tol and moved <= max_moved, (case, worst, moved)
-
-
-def aligned_max_diff(ours_logits, ours_boxes, ref_logits, ref_boxes):
-    """Train-mode outputs compared up to the order of near-tied top-k queries: each of our
-    queries is paired with the closest reference query; returns (max diff, moved queries)."""
-    worst, moved = 0.0, 0
-    for b in range(ours_logits.shape[0]):
-        ours = np.concatenate([ours_logits[b], ours_boxes[b]], -1).astype(np.float64)
-        ref = np.concatenate([ref_logits[b], ref_boxes[b]], -1).astype(np.float64)
-        dist = np.abs(ours[:, None, :] - ref[None, :, :]).max(-1)
-        pair = dist.argmin(1)
-        assert len(set(pair.tolist())) == len(pair), "queries do not pair one to one"
-        worst = max(worst, float(dist[np.arange(len(pair)), pair].max()))
-        moved += int((pair != np.arange(len(pair))).sum())
-    return worst, moved
+    both = lambda o, p="": np.concatenate([o[f"{p}pred_logits"], o[f"{p}pred_boxes"]], -1)  # noqa: E731
+    rows_match(both(out), both(golden, f"{case}_"), tol, top_scores(out["intermediates"]), mode)
 
 
 # --- eval ---------------------------------------------------------------------------------
@@ -126,9 +112,15 @@ def test_evalns_r18vd(r18, golden):
 def test_inter_r18vd_every_intermediate(r18, golden):
     a, w = r18
     a.load_weights(w)
-    out = a.forward(golden["inter_r18vd_input"], capture=True)
-    inter = out["intermediates"]
     g = lambda k: golden[f"inter_r18vd_{k}"]  # noqa: E731
+    own = a.forward(g("input"), capture=True)["intermediates"]
+    # this CPU's float32 may order near-tied encoder scores differently from the golden
+    # machine's: the own selection equals the golden one up to such order flips, and the
+    # continuous intermediates are compared under the golden selection
+    selection_matches(own["decoder.enc_topk_index"], g("enc_topk_index"), top_scores(own))
+    a.load_weights(w)
+    out = a.forward(g("input"), capture=True, topk_index=g("enc_topk_index"))
+    inter = out["intermediates"]
     pairs = [(f"backbone.res_layers.{i + 1}", g(f"backbone_{i}")) for i in range(3)]
     pairs += [("encoder.encoder.0.pos_embed", g("aifi_pos_embed")), ("encoder.encoder.0", g("aifi_out"))]
     pairs += [(f"encoder.outputs.{i}", g(f"encoder_{i}")) for i in range(3)]
@@ -151,7 +143,7 @@ def check_train(adapter, weights, golden, batch, preset):
     P = f"train_{preset}_"
     adapter.load_weights(weights)
     images, targets = batch
-    res = adapter.loss(images, targets, draws_of(golden, preset), backward=True)
+    res = adapter.loss(images, targets, draws_of(golden, preset), backward=True, capture=True)
 
     names = list(res["losses"])
     assert names == [str(n) for n in golden[P + "loss_names"]]
@@ -182,7 +174,8 @@ def check_train(adapter, weights, golden, batch, preset):
     # train-mode predictions (up to the order of near-tied top-k entries)
     # train mode (batch-statistics BN) amplifies rounding: official float32 vs our float64
     # differ by 1.2e-4 (r18vd), so 5e-4 here
-    check_outputs(res["outputs"], golden, f"train_{preset}", max_moved=20, tol=5e-4)
+    check_outputs({**res["outputs"], "intermediates": res["intermediates"]}, golden, f"train_{preset}",
+                  tol=5e-4, mode="train")
 
     # gradients
     gnames = [str(n) for n in golden[P + "grad_names"]]
@@ -224,7 +217,9 @@ def test_float64_eval640_r18vd(r18, golden):
     out32 = check_eval(a32, w, golden, "eval640_r18vd")
     for k in ("pred_logits", "pred_boxes"):
         assert out64[k].dtype == np.float64
-        assert max_abs(out64[k], out32[k]) <= 1e-4
+    # float32 vs float64 of the same model: equal up to near-tied top-k order (float32's scores)
+    both = lambda o: np.concatenate([o["pred_logits"], o["pred_boxes"]], -1)  # noqa: E731
+    rows_match(both(out64), both(out32), 1e-4, top_scores(out64["intermediates"]))
     check_outputs(out64, golden, "eval640_r18vd")
 
 

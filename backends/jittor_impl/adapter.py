@@ -11,7 +11,7 @@ from rtdetr_core.config import RTDETRConfig, load_config
 from rtdetr_core.param_spec import param_spec
 
 from . import framework as fw
-from .capture import Recorder
+from .capture import recorder_for
 from .common import named_batchnorms
 from .criterion import SetCriterion
 from .ema import ModelEMA
@@ -128,12 +128,12 @@ class Adapter:
 
     # --- forward / loss --------------------------------------------------------------------
     def forward(self, images, *, train: bool = False, targets=None, dn_draws=None, topk_index=None,
-                multi_scale_size=None, capture: bool = False) -> dict:
+                multi_scale_size=None, capture: Union[bool, Sequence[str]] = False) -> dict:
         """Eval (default) or train-mode forward, no gradients.  Train mode uses batch
         statistics and updates BN running statistics, as the official train forward does."""
         fw.set_training(self.model, train)
         x = self._images(images).stop_grad()
-        rec = Recorder() if capture else None
+        rec = recorder_for(capture)
         with (rec if rec is not None else nullcontext()):
             out = self.model(x, self._targets(targets) if train else None, dn_draws, topk_index, multi_scale_size)
         res = _tree_to_numpy(out)
@@ -171,10 +171,10 @@ class Adapter:
         return grads
 
     def loss(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
-             backward: bool = False, capture: bool = False) -> dict:
+             backward: bool = False, capture: Union[bool, Sequence[str]] = False) -> dict:
         """Train-mode forward + criterion (+ backward).  Gradients are returned for every
         trainable parameter in spec order (zeros for a parameter the loss did not reach)."""
-        rec = Recorder() if capture else None
+        rec = recorder_for(capture)
         with (rec if rec is not None else nullcontext()):
             out, losses, used, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index)
         res = {"losses": OrderedDict((k, float(v.item())) for k, v in losses.items()),

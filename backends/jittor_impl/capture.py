@@ -4,7 +4,7 @@ backends/README.md), so the first diverging name tells which module broke parity
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List
+from typing import Iterable, List, Optional, Union
 
 import numpy as np
 
@@ -25,7 +25,9 @@ class Recorder:
     Note: fetching intermediates changes Jittor's kernel fusion, so a captured forward can
     differ from an uncaptured one in the last bits (~1e-7 relative)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Optional[Iterable[str]] = None) -> None:
+        # names: record only these intermediates (None: all); decisions are always kept
+        self.only = None if names is None else frozenset(names)
         self.tensors: "OrderedDict[str, object]" = OrderedDict()
         # evidence behind the discrete decisions (encoder scores, matching costs, this side's
         # own choice when the harness injected another's): kept apart from the intermediates,
@@ -40,6 +42,8 @@ class Recorder:
         _ACTIVE.remove(self)
 
     def add(self, name: str, tensor) -> None:
+        if self.only is not None and name not in self.only:
+            return
         # detach: a recorded value never joins the autograd graph (Vars are immutable)
         self.tensors[name] = tensor.detach()
 
@@ -54,6 +58,13 @@ class Recorder:
 def is_recording() -> bool:
     return bool(_ACTIVE)
 
+
+def recorder_for(capture: Union[bool, Iterable[str]]) -> Optional[Recorder]:
+    """The Recorder an adapter call's ``capture`` asks for: None (False), every intermediate
+    (True), or only the named ones (a sequence of names: cheap, e.g. the top-k selection)."""
+    if capture is True:
+        return Recorder()
+    return Recorder(capture) if capture else None
 
 def record(name: str, tensor) -> None:
     """Store ``tensor`` under ``name`` in the innermost active recorder, if any."""

@@ -11,7 +11,7 @@ import torch
 from rtdetr_core.config import RTDETRConfig, load_config
 from rtdetr_core.param_spec import param_spec
 
-from .capture import Recorder
+from .capture import recorder_for
 from .criterion import SetCriterion
 from .ema import ModelEMA
 from .framework import from_numpy, get_dtype, no_grad, to_numpy
@@ -122,17 +122,17 @@ class Adapter:
 
     # --- forward / loss --------------------------------------------------------------------
     def forward(self, images, *, train: bool = False, targets=None, dn_draws=None, topk_index=None,
-                multi_scale_size=None, capture: bool = False) -> dict:
+                multi_scale_size=None, capture: Union[bool, Sequence[str]] = False) -> dict:
         """Eval (default) or train-mode forward, no gradients.  Train mode uses batch
         statistics and updates BN running statistics, as the official train forward does."""
         self.model.train(train)
         x = self._images(images)
-        rec = Recorder()
-        with no_grad(), (rec if capture else contextlib.nullcontext()):
+        rec = recorder_for(capture)
+        with no_grad(), (rec if rec is not None else contextlib.nullcontext()):
             out = self.model(x, self._targets(targets) if train else None, dn_draws,
                              self._topk(topk_index), multi_scale_size)
         res = _tree_to_numpy(out)
-        if capture:
+        if rec is not None:
             res["intermediates"] = rec.numpy()
             res["decisions"] = rec.decisions
         return res
@@ -144,7 +144,7 @@ class Adapter:
         return out, losses, used, total
 
     def loss(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
-             backward: bool = False, capture: bool = False) -> dict:
+             backward: bool = False, capture: Union[bool, Sequence[str]] = False) -> dict:
         """Train-mode forward + criterion (+ backward).  Gradients are returned for every
         trainable parameter in spec order (zeros for a parameter the loss did not reach)."""
         self.model.train()
@@ -152,9 +152,9 @@ class Adapter:
         x, tgts = self._images(images), self._targets(targets)
         if backward:
             self.model.zero_grad(set_to_none=True)
-        rec = Recorder()
+        rec = recorder_for(capture)
         with torch.set_grad_enabled(backward):
-            with rec if capture else contextlib.nullcontext():
+            with rec if rec is not None else contextlib.nullcontext():
                 out, losses, used, total = self._train_forward_loss(x, tgts, dn_draws, matches,
                                                                     self._topk(topk_index))
             if backward:
@@ -174,7 +174,7 @@ class Adapter:
                     p = params[e.name]
                     grads[e.name] = to_numpy(p.grad) if p.grad is not None else np.zeros(e.shape, dtype=self.dtype)
             res["grads"] = grads
-        if capture:
+        if rec is not None:
             res["intermediates"] = rec.numpy()
             res["decisions"] = rec.decisions
         return res

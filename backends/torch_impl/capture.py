@@ -4,7 +4,7 @@ backends/README.md), so the first diverging name tells which module broke parity
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List
+from typing import Iterable, List, Optional, Union
 
 import numpy as np
 
@@ -21,7 +21,9 @@ class Recorder:
     rec.numpy()  # OrderedDict[name -> np.ndarray]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: Optional[Iterable[str]] = None) -> None:
+        # names: record only these intermediates (None: all); decisions are always kept
+        self.only = None if names is None else frozenset(names)
         self.tensors: "OrderedDict[str, object]" = OrderedDict()
         # evidence behind the discrete decisions (encoder scores, matching costs, this side's
         # own choice when the harness injected another's): kept apart from the intermediates,
@@ -36,6 +38,8 @@ class Recorder:
         _ACTIVE.remove(self)
 
     def add(self, name: str, tensor) -> None:
+        if self.only is not None and name not in self.only:
+            return
         # clone: later in-place ops (inplace activations) must not alter what was seen
         self.tensors[name] = tensor.detach().clone()
 
@@ -47,6 +51,13 @@ def active() -> bool:
     """True while a Recorder is collecting (lets callers skip work done only for capture)."""
     return bool(_ACTIVE)
 
+
+def recorder_for(capture: Union[bool, Iterable[str]]) -> Optional[Recorder]:
+    """The Recorder an adapter call's ``capture`` asks for: None (False), every intermediate
+    (True), or only the named ones (a sequence of names: cheap, e.g. the top-k selection)."""
+    if capture is True:
+        return Recorder()
+    return Recorder(capture) if capture else None
 
 def record(name: str, tensor) -> None:
     """Store ``tensor`` under ``name`` in the innermost active recorder, if any."""

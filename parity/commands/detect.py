@@ -45,7 +45,7 @@ from parity.report.detect import print_agreement, verdict_line, write_pictures
 from parity.sides.process import BACKENDS, resolve_python, run_interruptible
 from parity.sides.serving import run_workers
 
-OUT_KEYS = ("pred_logits", "pred_boxes", "scores", "labels", "boxes")
+OUT_KEYS = ("pred_logits", "pred_boxes", "scores", "labels", "boxes", "topk_index", "topk_scores")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

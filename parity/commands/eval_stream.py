@@ -21,6 +21,7 @@ CSV_FIELDS = ("image_id", "file_name", "n_gt", "n_torch", "n_jittor", "matched",
               "max_score_diff", "label_agreement", "agreement")
 RAW_KEYS = ("pred_logits", "pred_boxes")
 DET_KEYS = ("scores", "labels", "boxes")
+TOPK_KEYS = ("topk_index", "topk_scores")                # the encoder token behind each query
 
 
 class EvalStream:
@@ -64,11 +65,12 @@ class EvalStream:
         res = {}
         for be, p in outs.items():
             with np.load(p, allow_pickle=False) as z:
-                res[be] = {key: z[key] for key in RAW_KEYS + DET_KEYS}
+                res[be] = {key: z[key] for key in RAW_KEYS + DET_KEYS + TOPK_KEYS}
             results, d = coco_results(res[be], ids, self.lut)
             self.dropped[be] += d
             self.writers[be].extend(results)
-        self.gate.add(k, {key: res["jittor"][key] for key in RAW_KEYS}, {key: res["torch"][key] for key in RAW_KEYS})
+        self.gate.add(k, {key: res["jittor"][key] for key in RAW_KEYS}, {key: res["torch"][key] for key in RAW_KEYS},
+                      tuple((res[be]["topk_index"], res[be]["topk_scores"]) for be in ("jittor", "torch")))
         for key in self.raw_err:
             e = tensor_errors(res["jittor"][key], res["torch"][key])
             self.raw_err[key]["rel_l2"] = max(self.raw_err[key]["rel_l2"], float(e["rel_l2"]))

@@ -29,10 +29,11 @@ from parity.report.forward import print_final, summary_markdown
 from parity.sides.jobs import STAGES, Job, label, run_job
 from parity.sides.process import resolve_python
 
-# Jittor float64 / PyTorch float64 wall time, worst measured on CPU (parity-r50vd grad at
-# 640, batch 2: J64 2134 s vs T64 165 s; smoke: 2.8x; r18vd: ~6x): Jittor has no float64 GEMM
-# on CPU and its float64 convolutions are generated loops.
-J64_OVER_T64 = 13.0
+# Jittor float64 / PyTorch float64 wall time, worst measured on CPU: parity-r50vd grad at
+# 576x640, batch 2, one thread per side: J64 1359 s vs T64 41 s (33x; forward 501 vs 19 s,
+# 27x); at 640 with torch's default threads: 2134 vs 165 s (13x); smoke: 2.8x; r18vd: ~6x.
+# Jittor has no float64 GEMM on CPU and its float64 convolutions are generated loops.
+J64_OVER_T64 = 33.0
 
 
 @dataclass

@@ -111,7 +111,8 @@ def worst(rows: List[Dict[str, Any]], n: int) -> List[Dict[str, Any]]:
 def judge_detect(cand: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], names: Sequence[str],
                  image_ids: Sequence[int], conf: float, outputs_threshold, sec: Mapping[str, float]):
     """``parity detect``: the raw outputs judged with the forward bound (a top-k tie flip paired
-    first, parity/judge/outputs_match.py) and every image's detections >= ``conf`` matched ->
+    by encoder token first, parity/judge/outputs_match.py: ``cand`` / ``base`` hold each side's
+    ``topk_index`` / ``topk_scores``) and every image's detections >= ``conf`` matched ->
     ``(passed, raw outputs, per-image rows, summary)``."""
     passed, raw_cmp, rows = True, [], []
     keys = ("pred_logits", "pred_boxes")
@@ -119,9 +120,10 @@ def judge_detect(cand: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
     es = [judge_tensor(k, "outputs", c_raw[k], b_raw[k], th=outputs_threshold) for k in keys]
     flip = None
     if not all(e["passed"] for e in es):
-        # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary) a
-        # few queries: pair them, report the flip, judge the rest
-        c_al, b_al, flip = align_batch(c_raw, b_raw)
+        # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary)
+        # queries: pair them by encoder token, report the flip, judge the rest
+        c_al, b_al, flip = align_batch(c_raw, b_raw, index=tuple((x["topk_index"], x["topk_scores"])
+                                                                 for x in (cand, base)))
         if flip is not None:
             es = [judge_tensor(k, "outputs", c_al[k], b_al[k], th=outputs_threshold) for k in keys]
     for e in es:

@@ -12,11 +12,16 @@ correct port.  The rule (kept simple on purpose):
 
 1. the arrays are first compared row by row; only when that fails (eval stage), or when the
    pairing lowers the error (train stage), is the pairing used.  Per image, rows (queries)
-   are paired by mutual nearest neighbour on the concatenated ``(logits, box)`` row (L2);
-2. rows paired with another position count as *moved*, rows without a mutual partner as
-   *unmatched*; ``moved + unmatched <= max_tie_rows`` per image is a tie flip: the paired rows
-   are then compared in the paired order, and the unmatched ones are only reported (with
-   their scores); more is no tie (a real difference: the plain row-by-row comparison stands);
+   are paired by the encoder token each query came from when both sides recorded their
+   top-k indices and each side's selection is in its own score order (``index``: exact; all
+   stages that save it), else by mutual nearest neighbour on the concatenated
+   ``(logits, box)`` row (L2);
+2. rows paired with another position count as *moved*, rows without a partner as
+   *unmatched*.  A tie flip is, per image, ``unmatched <= max_tie_rows`` when paired by token
+   (any number of moved rows: the same queries in another order), or ``moved + unmatched <=
+   max_tie_rows`` when paired by nearest neighbour (a heuristic, so kept small).  The paired
+   rows are then compared in the paired order, and the unmatched ones are only reported
+   (with their scores); more is no tie (the plain row-by-row comparison stands);
 3. the thresholds then judge the compared arrays as usual: a genuine difference still fails.
 
 A set flip also perturbs the other queries a little (self-attention sees a different set);
@@ -34,6 +39,8 @@ from parity.judge.compare import judge_tensor
 
 KEYS = ("pred_logits", "pred_boxes")
 DEFAULT_MAX_TIE_ROWS = 4
+# one side's top-k selection: (token indices [B, Q] int64, top-k scores [B, Q])
+Selection = Tuple[np.ndarray, np.ndarray]
 
 
 def _sigmoid_max(logits: np.ndarray) -> np.ndarray:
@@ -57,13 +64,31 @@ def pair_rows(cand: np.ndarray, base: np.ndarray) -> np.ndarray:
     return partner
 
 
+def sorted_selection(scores: np.ndarray) -> bool:
+    """Each image's top-k scores [B, Q] are in non-increasing order: the side's query order is
+    the one its own scores give, so any order difference between the sides is explained by
+    their score differences (a bug that reorders queries, e.g. a reversed selection, is not)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return bool(s.ndim == 2 and np.all(np.diff(s, axis=1) <= 0))
+
+
+def pair_by_index(cand_idx: np.ndarray, base_idx: np.ndarray) -> np.ndarray:
+    """``partner[i]`` = the base row whose query came from the same encoder token as cand row
+    ``i``, or -1.  ``cand_idx``, ``base_idx``: [Q] top-k token indices of one image."""
+    pos = {int(t): j for j, t in enumerate(np.asarray(base_idx).reshape(-1))}
+    return np.array([pos.get(int(t), -1) for t in np.asarray(cand_idx).reshape(-1)], dtype=np.int64)
+
+
 def align_batch(cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
-                max_tie_rows: int = DEFAULT_MAX_TIE_ROWS) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray],
-                                                                    Optional[Dict[str, Any]]]:
+                max_tie_rows: int = DEFAULT_MAX_TIE_ROWS,
+                index: Optional[Tuple[Selection, Selection]] = None) -> Tuple[Dict[str, np.ndarray],
+                                                                                Dict[str, np.ndarray],
+                                                                                Optional[Dict[str, Any]]]:
     """``(cand_cmp, base_cmp, flip)``: the arrays to compare and, when a tie flip was
     recognised, what it was (``None``: compared row by row).  Inputs ``{"pred_logits" [B,Q,C],
-    "pred_boxes" [B,Q,4]}``; with a flip the outputs are [N,C] / [N,4] (the paired rows of
-    every image, base order)."""
+    "pred_boxes" [B,Q,4]}`` and optionally ``index`` = ((cand token indices [B,Q], cand top-k
+    scores [B,Q]), (the same for base));
+    with a flip the outputs are [N,C] / [N,4] (the paired rows of every image, base order)."""
     cl, cb = np.asarray(cand["pred_logits"]), np.asarray(cand["pred_boxes"])
     bl, bb = np.asarray(base["pred_logits"]), np.asarray(base["pred_boxes"])
     if cl.shape != bl.shape or cb.shape != bb.shape or cl.ndim != 3 or cl.shape[:2] != cb.shape[:2]:
@@ -71,13 +96,19 @@ def align_batch(cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
     images: List[Dict[str, Any]] = []
     rows_c: List[np.ndarray] = []
     rows_b: List[np.ndarray] = []
+    # pair by token only when both sides' selections are in their own score order
+    by_index = index is not None and all(np.shape(x[0]) == cl.shape[:2] and np.shape(x[1]) == cl.shape[:2]
+                                         and sorted_selection(x[1]) for x in index)
     for i in range(cl.shape[0]):
-        partner = pair_rows(np.concatenate([cl[i], cb[i]], 1), np.concatenate([bl[i], bb[i]], 1))
+        if by_index:
+            partner = pair_by_index(index[0][0][i], index[1][0][i])
+        else:
+            partner = pair_rows(np.concatenate([cl[i], cb[i]], 1), np.concatenate([bl[i], bb[i]], 1))
         q = np.arange(len(partner))
         paired = partner >= 0
         moved = int(np.sum(paired & (partner != q)))
         unmatched = int(np.sum(~paired))
-        if moved + unmatched > max_tie_rows:
+        if unmatched + (0 if by_index else moved) > max_tie_rows:
             return cand, base, None            # not a tie: the plain comparison decides
         if moved or unmatched:
             sc, sb = _sigmoid_max(cl[i]), _sigmoid_max(bl[i])
@@ -104,7 +135,8 @@ def align_batch(cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
     b_out = {"pred_logits": np.concatenate([bl[i][r] for i, r in enumerate(rows_b)]),
              "pred_boxes": np.concatenate([bb[i][r] for i, r in enumerate(rows_b)])}
     kind = "set" if any(e["unmatched"] for e in images) else "order"
-    flip = {"kind": kind, "images": images, "score_gap": max(e["score_gap"] for e in images)}
+    flip = {"kind": kind, "paired_by": "token" if by_index else "nearest", "images": images,
+            "score_gap": max(e["score_gap"] for e in images)}
     return c_out, b_out, flip
 
 
@@ -121,12 +153,15 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def outputs_rel(cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
-                max_tie_rows: int = DEFAULT_MAX_TIE_ROWS) -> Dict[str, Any]:
+                max_tie_rows: int = DEFAULT_MAX_TIE_ROWS,
+                index: Optional[Tuple[Selection, Selection]] = None) -> Dict[str, Any]:
     """rel L2 of pred_logits and pred_boxes (train stage metric): row by row, or after the
-    tie pairing when that is lower (a recognised tie flip; reported in ``flip``)."""
+    tie pairing when that is lower (a recognised tie flip; reported in ``flip``).  ``index``:
+    per side (top-k token indices [B,Q], top-k scores [B,Q]): pair by token, not by nearest
+    neighbour."""
     out: Dict[str, Any] = {k: rel_l2(cand[k], base[k]) for k in KEYS}
     out["worst"], out["flip"] = max(out[k] for k in KEYS), None
-    c, b, flip = align_batch(cand, base, max_tie_rows)
+    c, b, flip = align_batch(cand, base, max_tie_rows, index)
     if flip is not None:
         al = {k: rel_l2(c[k], b[k]) for k in KEYS}
         if max(al.values()) < out["worst"]:
@@ -150,13 +185,15 @@ class OutputsGate:
     def _judge(self, c: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> List[Dict[str, Any]]:
         return [judge_tensor(k, "outputs", c[k], b[k], th=self.th) for k in KEYS]
 
-    def add(self, batch: int, cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray]) -> bool:
-        """Judge one batch: row by row first; only when that fails, after the tie pairing."""
+    def add(self, batch: int, cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
+            index: Optional[Tuple[Selection, Selection]] = None) -> bool:
+        """Judge one batch: row by row first; only when that fails, after the tie pairing
+        (by token when ``index`` holds both sides' selections)."""
         self.batches += 1
         es = self._judge(cand, base)
         flip = None
         if not all(e["passed"] for e in es):
-            c, b, flip = align_batch(cand, base, self.max_tie_rows)
+            c, b, flip = align_batch(cand, base, self.max_tie_rows, index)
             if flip is not None:
                 es = self._judge(c, b)
         ok = all(e["passed"] for e in es)

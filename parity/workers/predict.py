@@ -11,7 +11,8 @@ and config digest checked), then answers JSON-line requests on stdin (protocol:
 
 ``B.npz``: ``images`` [B,3,H,W] float32 (cast to --dtype here), ``orig_sizes`` int64 [B,2]
 (h, w).  ``R.npz`` (written atomically): ``pred_logits`` [B,Q,C] and ``pred_boxes`` [B,Q,4]
-exactly as ``Adapter.forward`` returned them, and with ``postprocess`` this backend's own
+exactly as ``Adapter.forward`` returned them, ``topk_index`` / ``topk_scores`` [B,Q] (the
+encoder token behind each query, ``parity/workers/topk_capture.py``), and with ``postprocess`` this backend's own
 ``Adapter.postprocess`` output stacked over the batch: ``scores`` [B,K], ``labels`` int64
 [B,K] (contiguous labels 0..C-1), ``boxes`` [B,K,4] xyxy in original pixels.
 
@@ -33,6 +34,7 @@ import numpy as np
 from parity.fileio import write_npz
 from parity.workers.common import (EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, emit, fail_event, import_backend,
     load_model, one_line, peak_rss_mb, serving_main, set_threads, threads_info)
+from parity.workers.topk_capture import TOPK_CAPTURE, topk_selection
 
 
 def stack_dets(dets: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
@@ -79,9 +81,10 @@ def serve(args: argparse.Namespace) -> int:
                     from None
             images = images.astype(args.dtype, copy=False)
             t = time.perf_counter()
-            out = adapter.forward(images)
+            out = adapter.forward(images, capture=TOPK_CAPTURE)
             dt = time.perf_counter() - t
-            arrays: Dict[str, np.ndarray] = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
+            arrays: Dict[str, np.ndarray] = {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"],
+                                             **topk_selection(out)}
             if req.get("postprocess", True):
                 arrays.update(stack_dets(adapter.postprocess(out, sizes)))
             write_npz(req["out"], arrays, meta={"backend": be, "seconds": dt, "first": n == 0})

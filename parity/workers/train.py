@@ -20,7 +20,7 @@ Output, all under ``RUN_DIR/LABEL/`` (every file written atomically)::
                                       means, status (running | completed | stopped | nonfinite),
                                       the non-finite event, versions, threads, peak RSS;
                                       rewritten after every epoch
-    eval/epoch_NNNN.npz               pred_logits / pred_boxes of the val images (EMA model when
+    eval/epoch_NNNN.npz               pred_logits / pred_boxes / topk_index / topk_scores of the val images (EMA model when
                                       EMA is on); the runner turns them into COCO mAP
     checkpoints/epoch_NNNN/           weights.safetensors (adapter dtype), train_state.npz
                                       (optimizer moments/steps/lr, EMA), state.json (epoch,

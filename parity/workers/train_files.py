@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save
 
 from parity.fileio import atomic_output, read_json, sha256_file, write_bytes, write_json, write_npz
 from parity.workers.common import EXIT_INPUT, WorkerFailure
+from parity.workers.topk_capture import TOPK_CAPTURE, topk_selection
 
 
 LOG_SCHEMA = 1
@@ -181,12 +182,14 @@ class SideFiles:
             model = self.eval_adapter
         imgs = self.data["val_images"]
         bs = int(self.plan["eval_batch_size"])
-        logits, boxes = [], []
+        logits, boxes, topk = [], [], []
         for s in range(0, len(imgs), bs):
-            out = model.forward(imgs[s:s + bs].astype(self.args.dtype, copy=False))
+            out = model.forward(imgs[s:s + bs].astype(self.args.dtype, copy=False), capture=TOPK_CAPTURE)
             logits.append(np.asarray(out["pred_logits"]))
             boxes.append(np.asarray(out["pred_boxes"]))
+            topk.append(topk_selection(out))
         arrays = {"pred_logits": np.concatenate(logits), "pred_boxes": np.concatenate(boxes),
+                  **{k: np.concatenate([t[k] for t in topk]) for k in ("topk_index", "topk_scores")},
                   "image_ids": self.data["val_ids"], "orig_sizes": self.data["val_orig_sizes"]}
         write_npz(os.path.join(self.dir, "eval", f"epoch_{epoch:04d}.npz"), arrays,
                   {"epoch": epoch, "ema": ema is not None, "backend": self.args.backend, "dtype": self.args.dtype})
