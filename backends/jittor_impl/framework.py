@@ -297,6 +297,14 @@ def grid_sample(value: jt.Var, grid: jt.Var) -> jt.Var:
     return nn.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _batchnorm_affine(x, weight, bias, mu, invstd):
+    """``x * scale + shift`` with scale = weight * invstd, shift = bias - mu * scale: x
+    [N, C, H, W]; weight, bias, mu, invstd [C] (torch's CPU BatchNorm arithmetic)."""
+    scale = weight * invstd
+    shift = bias - mu * scale
+    return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
 class _BatchNormTrain(jt.Function):
     """Train-mode ``y = x * scale + shift`` (scale = weight * invstd, shift = bias - mean * scale,
     the statistics computed and detached by the caller) with torch's analytic backward:
@@ -310,9 +318,7 @@ class _BatchNormTrain(jt.Function):
 
     def execute(self, x, weight, bias, mu, invstd):
         self.saved = (x, weight, mu, invstd)
-        scale = weight * invstd
-        shift = bias - mu * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        return _batchnorm_affine(x, weight, bias, mu, invstd)
 
     def grad(self, g):
         x, weight, mu, invstd = self.saved
@@ -359,12 +365,8 @@ class BatchNorm2d(nn.Module):
             self._num_batches_tracked += 1
             invstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
             return _BatchNormTrain.apply(x, self.weight, self.bias, mu.cast(x.dtype).detach(), invstd.detach())
-        else:
-            mu = self.running_mean
-            invstd = 1.0 / jt.sqrt(self.running_var + scalar(self.eps, self.running_var))
-        scale = self.weight * invstd
-        shift = self.bias - mu * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        invstd = 1.0 / jt.sqrt(self.running_var + scalar(self.eps, self.running_var))
+        return _batchnorm_affine(x, self.weight, self.bias, self.running_mean, invstd)
 
 
 class LayerNorm(nn.Module):

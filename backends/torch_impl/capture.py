@@ -59,6 +59,7 @@ def recorder_for(capture: Union[bool, Iterable[str]]) -> Optional[Recorder]:
         return Recorder()
     return Recorder(capture) if capture else None
 
+
 def record(name: str, tensor) -> None:
     """Store ``tensor`` under ``name`` in the innermost active recorder, if any."""
     if _ACTIVE:

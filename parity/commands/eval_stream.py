@@ -15,7 +15,7 @@ from parity.fileio import JsonArrayWriter, write_npz
 from parity.judge.coco import coco_results
 from parity.judge.compare import tensor_errors
 from parity.judge.detmatch import filter_dets, match_detections
-from parity.judge.outputs_match import OutputsGate
+from parity.judge.outputs_match import OutputsGate, selection_of
 
 CSV_FIELDS = ("image_id", "file_name", "n_gt", "n_torch", "n_jittor", "matched", "mean_iou", "min_iou",
               "max_score_diff", "label_agreement", "agreement")
@@ -70,7 +70,7 @@ class EvalStream:
             self.dropped[be] += d
             self.writers[be].extend(results)
         self.gate.add(k, {key: res["jittor"][key] for key in RAW_KEYS}, {key: res["torch"][key] for key in RAW_KEYS},
-                      tuple((res[be]["topk_index"], res[be]["topk_scores"]) for be in ("jittor", "torch")))
+                      tuple(selection_of(res[be]) for be in ("jittor", "torch")))
         for key in self.raw_err:
             e = tensor_errors(res["jittor"][key], res["torch"][key])
             self.raw_err[key]["rel_l2"] = max(self.raw_err[key]["rel_l2"], float(e["rel_l2"]))

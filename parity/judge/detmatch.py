@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence
 import numpy as np
 
 from parity.judge.compare import judge_tensor
-from parity.judge.outputs_match import align_batch
+from parity.judge.outputs_match import align_batch, selection_of
 
 
 
@@ -122,8 +122,7 @@ def judge_detect(cand: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
     if not all(e["passed"] for e in es):
         # a float32 near-tie of the encoder's top-k reorders (or swaps at the boundary)
         # queries: pair them by encoder token, report the flip, judge the rest
-        c_al, b_al, flip = align_batch(c_raw, b_raw, index=tuple((x["topk_index"], x["topk_scores"])
-                                                                 for x in (cand, base)))
+        c_al, b_al, flip = align_batch(c_raw, b_raw, index=tuple(selection_of(x) for x in (cand, base)))
         if flip is not None:
             es = [judge_tensor(k, "outputs", c_al[k], b_al[k], th=outputs_threshold) for k in keys]
     for e in es:

@@ -64,6 +64,12 @@ def pair_rows(cand: np.ndarray, base: np.ndarray) -> np.ndarray:
     return partner
 
 
+def selection_of(saved) -> Optional[Selection]:
+    """One side's saved top-k selection (``topk_index``, ``topk_scores`` of a worker's output
+    file or its arrays; ``parity/workers/topk_capture.py``), or None when it saved none."""
+    return (saved["topk_index"], saved["topk_scores"]) if "topk_index" in saved else None
+
+
 def sorted_selection(scores: np.ndarray) -> bool:
     """Each image's top-k scores [B, Q] are in non-increasing order: the side's query order is
     the one its own scores give, so any order difference between the sides is explained by
@@ -87,7 +93,7 @@ def align_batch(cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
     """``(cand_cmp, base_cmp, flip)``: the arrays to compare and, when a tie flip was
     recognised, what it was (``None``: compared row by row).  Inputs ``{"pred_logits" [B,Q,C],
     "pred_boxes" [B,Q,4]}`` and optionally ``index`` = ((cand token indices [B,Q], cand top-k
-    scores [B,Q]), (the same for base));
+    scores [B,Q]), (the same for base)), either None when that side saved none;
     with a flip the outputs are [N,C] / [N,4] (the paired rows of every image, base order)."""
     cl, cb = np.asarray(cand["pred_logits"]), np.asarray(cand["pred_boxes"])
     bl, bb = np.asarray(base["pred_logits"]), np.asarray(base["pred_boxes"])
@@ -97,7 +103,7 @@ def align_batch(cand: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
     rows_c: List[np.ndarray] = []
     rows_b: List[np.ndarray] = []
     # pair by token only when both sides' selections are in their own score order
-    by_index = index is not None and all(np.shape(x[0]) == cl.shape[:2] and np.shape(x[1]) == cl.shape[:2]
+    by_index = index is not None and all(x is not None and np.shape(x[0]) == cl.shape[:2] and np.shape(x[1]) == cl.shape[:2]
                                          and sorted_selection(x[1]) for x in index)
     for i in range(cl.shape[0]):
         if by_index:

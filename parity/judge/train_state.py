@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from safetensors import safe_open
 
-from parity.judge.outputs_match import DEFAULT_MAX_TIE_ROWS, KEYS, outputs_rel, rel_l2
+from parity.judge.outputs_match import DEFAULT_MAX_TIE_ROWS, KEYS, outputs_rel, rel_l2, selection_of
 
 
 def state_names(cfg) -> Tuple[List[str], List[str]]:
@@ -104,9 +104,9 @@ def eval_output_errors(dir_a: str, dir_b: str, max_tie_rows: int = DEFAULT_MAX_T
         for d in (dir_a, dir_b):
             with np.load(os.path.join(d, "eval", f"epoch_{e:04d}.npz"), allow_pickle=False) as z:
                 arr.append({k: z[k] for k in KEYS})
-                idx.append((z["topk_index"], z["topk_scores"]) if "topk_index" in z.files else None)
-        # both sides recorded which encoder token each query came from: pair by token
-        r = outputs_rel(arr[0], arr[1], max_tie_rows, None if any(i is None for i in idx) else tuple(idx))
+                idx.append(selection_of(z))
+        # where both sides recorded which encoder token each query came from: pair by token
+        r = outputs_rel(arr[0], arr[1], max_tie_rows, tuple(idx))
         per_epoch.append({"epoch": e, **{k: r[k] for k in KEYS}, "worst": r["worst"], "flip": r["flip"]})
     w = max(per_epoch, key=lambda x: x["worst"])
     return {"worst": w["worst"], "worst_at": w["epoch"], "epochs": per_epoch,
