@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rtdetr_core.data import CocoDetection, DataError, describe, ensure_synthetic_dataset, open_split
+from rtdetr_core.data import CocoDetection, DataError, describe, ensure_synthetic_dataset, open_split, resolve_data
 from rtdetr_core.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,3 +174,28 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "full" / "f").write_text("x")
     with pytest.raises(DataError, match="not empty"):
         synthetic.generate_synthetic_dataset(str(tmp_path / "full"), n_train=1, n_val=1)
+
+
+# ----------------------------------------------------------------------------------------
+# --data specs (rtdetr_core/data/source.py)
+# ----------------------------------------------------------------------------------------
+
+def test_resolve_data_synthetic_spec_builds_that_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("RTDETR_PARITY_CACHE", str(tmp_path))
+    root = resolve_data("synthetic:3:4:2")
+    assert os.path.basename(root) == "synthetic-3-4-2-v1"
+    assert os.path.dirname(root) == str(tmp_path)
+    assert len(os.listdir(os.path.join(root, "train2017"))) == 4
+    assert len(os.listdir(os.path.join(root, "val2017"))) == 2
+    assert resolve_data("synthetic:3:4:2") == root          # second call: the cached folder
+    assert resolve_data("/some/coco") == "/some/coco"        # a folder is returned as given
+
+
+@pytest.mark.parametrize("spec", ["synthetic:1:x:50", "synthetic:1:5", "synthetic:1:0:5", "synthetic:-1:5:5"])
+def test_resolve_data_bad_spec_is_one_line_naming_it(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("RTDETR_PARITY_CACHE", str(tmp_path))
+    with pytest.raises(DataError) as ei:
+        resolve_data(spec)
+    msg = str(ei.value)
+    assert msg.startswith(f"--data {spec}:") and "\n" not in msg
+    assert os.listdir(tmp_path) == []                       # nothing half-built

@@ -96,6 +96,14 @@ def test_smoke_train_run_passes_thresholds(runs):
     assert len(rec["lr"]) == len(lg["base_lrs"]) and rec["grad_norm"] > 0
     assert [e["epoch"] for e in lg["epochs"]] == [1, 2] and set(lg["epochs"][0]["mean"]) == set(rec["losses"])
     assert os.path.isfile(os.path.join(runs["full"], "summary.md"))
+    # each side counted the parameters of the model it built: one model on both sides
+    models = [s["model"] for s in res["sides"]]
+    assert models[0]["parameters"] > 1_000_000 and models[0]["num_queries"] == 300
+    assert all(m == models[0] for m in models)
+    se, t32 = res["sides"][0]["start_end"], _log(runs["full"], "T32")
+    assert se["first_iteration_total"] == t32["iterations"][0]["total"]
+    assert se["last_epoch_mean_total"] == t32["epochs"][-1]["mean_total"]
+    assert se["last_epoch"] == 2 and se["first_epoch_mean_total"] > 0 and se["last_epoch_mean_total"] > 0
 
 
 def test_interrupted_run_stops_with_a_checkpoint(runs):

@@ -82,12 +82,12 @@ def make_batch(cfg, stage: str, batch_size: int, seed: int, data_root: Optional[
     for the grad stage (``None`` for forward, or when the batch has no boxes).
 
     Returns ``(images, targets, dn_draws, meta)``."""
-    from rtdetr_core.data import DataError, ensure_synthetic_dataset, iterate_batches, open_split
+    from rtdetr_core.data import DataError, iterate_batches, open_split, resolve_data
     from rtdetr_core.data.loader import epoch_order
 
     synthetic = data_root is None
     try:
-        root = ensure_synthetic_dataset() if synthetic else data_root
+        root = resolve_data(data_root)
         split = "val" if stage == "forward" else "train"
         try:
             ds = open_split(root, split, tuple(cfg.train.image_size))

@@ -78,10 +78,10 @@ def load_input(path: str) -> np.ndarray:
 
 
 class Categories:
-    """Labels -> (category id, name); ``None`` id = label without a category (not exported)."""
+    """Labels -> (category id, name) for ``parity detect``; a label beyond the map has no
+    category and is dropped from the COCO results (counted)."""
 
     def __init__(self, spec: str, num_classes: int):
-        
         self.source = spec
         self.map = None
         if spec == "auto":
@@ -96,10 +96,19 @@ class Categories:
             except (DataError, KeyError, TypeError) as e:
                 raise UsageError(f"--categories {spec}: {e}") from None
 
-    def category(self, label: int) -> Optional[int]:
+    def lut(self, num_classes: int) -> np.ndarray:
+        """int64 [num_classes]: label -> category id (the labels themselves without a map)."""
         if self.map is None:
-            return int(label)
-        return int(self.map.label_to_category[label]) if 0 <= label < self.map.num_classes else None
+            return np.arange(num_classes, dtype=np.int64)
+        return np.asarray(self.map.label_to_category, dtype=np.int64)
+
+    def add_names(self, results: List[Dict[str, Any]]) -> None:
+        """``category_name`` on each COCO result, when the categories have names."""
+        if self.map is None:
+            return
+        names = dict(zip(self.map.label_to_category.tolist(), self.map.names))
+        for r in results:
+            r["category_name"] = names[r["category_id"]]
 
     def name(self, label: int) -> str:
         if self.map is None:
@@ -110,26 +119,3 @@ class Categories:
         if self.map is None:
             return [{"id": i, "name": str(i)} for i in range(num_classes)]
         return [{"id": int(c), "name": n} for c, n in zip(self.map.label_to_category.tolist(), self.map.names)]
-
-
-def coco_results(dets: Dict[str, np.ndarray], image_ids: Sequence[int], cats: Categories,
-                 with_names: bool = True) -> Tuple[List[Dict[str, Any]], int]:
-    """COCO results of stacked detections (scores [N,K], labels [N,K], boxes xyxy [N,K,4]);
-    returns (results, number dropped because their label has no category)."""
-    out: List[Dict[str, Any]] = []
-    dropped = 0
-    for i, img_id in enumerate(image_ids):
-        s = np.asarray(dets["scores"][i], dtype=np.float64)
-        lab = np.asarray(dets["labels"][i]).astype(np.int64)
-        bx = np.asarray(dets["boxes"][i], dtype=np.float64)
-        xywh = np.concatenate([bx[:, :2], bx[:, 2:] - bx[:, :2]], axis=1)
-        for sc, lb, bb in zip(s.tolist(), lab.tolist(), xywh.tolist()):
-            cid = cats.category(lb)
-            if cid is None:
-                dropped += 1
-                continue
-            r = {"image_id": int(img_id), "category_id": cid, "bbox": [float(v) for v in bb], "score": float(sc)}
-            if with_names and cats.map is not None:
-                r["category_name"] = cats.name(lb)
-            out.append(r)
-    return out, dropped

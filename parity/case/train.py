@@ -9,6 +9,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from rtdetr_core.data import DataError, open_split, resolve_data
 
 from parity.case.folder import CaseError, make_weights, write_config_and_weights
 from parity.errors import RunError
@@ -35,7 +36,6 @@ class _Items:
 
 def load_split(root: str, split: str, image_size, limit: Optional[int]):
     """(dataset, images [N,3,H,W] float32, targets) of the first ``limit`` images."""
-    from rtdetr_core.data import DataError, open_split
     try:
         ds = open_split(root, split, tuple(image_size))
     except DataError as e:
@@ -89,9 +89,6 @@ def write_epoch_streams(path: str, ep: Dict[str, Any]) -> None:
 
 def build_train_case(case_dir: str, cfg, *, seed: int, data_root: Optional[str], weights_path: Optional[str],
                      plan: Dict[str, Any], limit_images: Optional[int], limit_val: Optional[int]) -> Dict[str, Any]:
-
-    from rtdetr_core.data import ensure_synthetic_dataset
-
     os.makedirs(case_dir, exist_ok=True)
     mpath = os.path.join(case_dir, "manifest.json")
     if os.path.exists(mpath):
@@ -101,7 +98,10 @@ def build_train_case(case_dir: str, cfg, *, seed: int, data_root: Optional[str],
     except CaseError as e:
         raise RunError(str(e), side="case", cause="weights") from None
     synthetic = data_root is None
-    root = ensure_synthetic_dataset() if synthetic else data_root
+    try:
+        root = resolve_data(data_root)
+    except DataError as e:
+        raise RunError(f"data: {e}", cause="data") from None
     tr_ds, tr_images, tr_targets = load_split(root, "train", cfg.train.image_size, limit_images)
     va_ds, va_images, va_targets = load_split(root, "val", cfg.train.image_size, limit_val)
     max_label = max((int(t["labels"].max()) for t in tr_targets if len(t["labels"])), default=-1)

@@ -33,7 +33,7 @@ def add_common(rp: argparse.ArgumentParser, stages: Iterable[str]) -> None:
         help="forward/grad: default both (float64 is the arbiter, float32 judged against "
              "its own noise floor); train/eval: default float32")
     add("--device", choices=["cpu", "cuda"])
-    add("--data", help="COCO folder (default: the bundled synthetic set)")
+    add("--data", help="COCO folder, or synthetic:SEED:N_TRAIN:N_VAL (generated into the cache on first use); default: the bundled synthetic set")
     add("--weights", help="weights file (default: seeded init)")
     add("--batch-size", type=int)
     add("--seed", type=int)

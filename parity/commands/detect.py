@@ -35,10 +35,11 @@ import numpy as np
 from rtdetr_core.config import available_presets, load_config
 
 from parity.case.folder import CaseError, make_weights
-from parity.case.images import Categories, coco_results, load_images, load_input, parse_size
+from parity.case.images import Categories, load_images, load_input, parse_size
 from parity.case.model import SEEDED_NOTE, write_model_case
 from parity.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, WorkerError
 from parity.fileio import default_out, prepare_out, write_error_result, write_json, write_npz
+from parity.judge.coco import coco_results
 from parity.judge.detmatch import judge_detect
 from parity.judge.thresholds import ThresholdError, load_thresholds
 from parity.report.detect import print_agreement, verdict_line, write_pictures
@@ -209,7 +210,8 @@ def write_outputs(args, cfg, backends, inp, res, winfo, cats, out) -> List[str]:
                    "orig_sizes": inp["orig_sizes"]},
                   meta={"backend": be, "config": cfg.name, "config_digest": cfg.digest(), "dtype": args.dtype,
                         "device": args.device, "weights": winfo, "images": inp["sources"]})
-        dets, dropped = coco_results(res[be], inp["ids"], cats)
+        dets, dropped = coco_results(res[be], inp["ids"], cats.lut(cfg.num_classes))
+        cats.add_names(dets)
         write_json(os.path.join(out, f"detections_{be}.json"), dets)
         res[be]["dropped"] = dropped
         files += [f"raw_{be}.npz", f"detections_{be}.json"]

@@ -41,7 +41,7 @@ import time
 from typing import Any, Dict, Tuple
 
 from rtdetr_core.config import load_config
-from rtdetr_core.data import DataError, ensure_synthetic_dataset, open_split
+from rtdetr_core.data import DataError, open_split, resolve_data
 
 from parity.case.folder import CaseError, make_weights
 from parity.case.model import SEEDED_NOTE, write_model_case
@@ -155,7 +155,7 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
 def open_data(args: argparse.Namespace, cfg, size_hw) -> Tuple[str, str, Any]:
     split = getattr(args, "split", None) or "val"
     try:
-        root = ensure_synthetic_dataset() if args.data is None else args.data
+        root = resolve_data(args.data)
         ds = open_split(root, split, size_hw)
     except DataError as e:
         raise UsageError(f"data: {e}") from None

@@ -19,7 +19,7 @@ from parity.case.contract import write_decisions_from
 from parity.case.faults import FaultError, check_faults_against_spec, parse_faults
 from parity.case.folder import Case, CaseError, build_case
 from parity.commands.options import opt
-from parity.errors import RunError
+from parity.errors import EXIT_FAIL, EXIT_OK, RunError
 from parity.facts import runner_versions
 from parity.fileio import default_out, jsonable, write_json, write_text
 from parity.judge.run_compare import compare_results, decisions_agree, pair_result
@@ -300,6 +300,7 @@ def side_info(j: Job) -> Dict[str, Any]:
 
 def finish(fr: ForwardRun, res: Dict[str, Any], versions: Dict[str, Any], t_start: float) -> Dict[str, Any]:
     """result.json, summary.md, the arrays removed (unless --keep-arrays), the final lines."""
+    res["exit_code"] = EXIT_OK if res["passed"] else EXIT_FAIL    # the judge returns data; the exit code is ours
     res.update(thresholds_file=fr.thresholds.path, versions={"runner": runner_versions(), **versions},
                sides=[side_info(j) for j in fr.order])
     res["wall_s"] = time.perf_counter() - t_start

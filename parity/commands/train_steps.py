@@ -281,6 +281,17 @@ def run_sides(run: TrainRun, progress) -> None:
 # the result
 # ----------------------------------------------------------------------------------------
 
+def start_end(log: Dict[str, Any]) -> Dict[str, Any]:
+    """Where a side's loss started and ended: the first iteration's total, the first and the
+    last complete epoch's mean total (the seed experiment's "start loss" / "final loss")."""
+    its = log.get("iterations", [])
+    eps = [e for e in log.get("epochs", []) if e.get("complete", True)]
+    return {"first_iteration_total": its[0].get("total") if its else None,
+            "first_epoch_mean_total": eps[0].get("mean_total") if eps else None,
+            "last_epoch": eps[-1].get("epoch") if eps else None,
+            "last_epoch_mean_total": eps[-1].get("mean_total") if eps else None}
+
+
 def side_summary(s: Side, log: Dict[str, Any]) -> Dict[str, Any]:
     eps = log.get("epochs", [])
     secs = [e.get("seconds") for e in eps if e.get("seconds") is not None]
@@ -297,7 +308,8 @@ def side_summary(s: Side, log: Dict[str, Any]) -> Dict[str, Any]:
             "first_iteration_s": its[0] if its else None,
             "peak_rss_mb": log.get("peak_rss_mb"), "versions": log.get("versions", {}),
             "threads": log.get("threads", {}), "resumed": log.get("resumed", []), "faults": log.get("faults", []),
-            "evals": log.get("evals", [])}
+            "evals": log.get("evals", []), "model": log.get("model", {}),
+            "start_end": start_end(log)}
 
 
 def environment(versions: Dict[str, Any], logs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:

@@ -311,7 +311,7 @@ def pair_result(stage: str, dt: str, cmpd: Dict[str, Any], labels: Dict[str, str
     res.update(dtype=dt, labels=labels, reference="ref" in labels)
     res.update(build_result(stage, dt, entries, labels))
     passed = all(e["passed"] for e in entries)
-    res.update(status="pass" if passed else "fail", passed=passed, exit_code=0 if passed else 1,
+    res.update(status="pass" if passed else "fail", passed=passed,
                thresholds={g: t.to_dict() for g, t in thresholds.for_run(stage, dt).items()},
                warnings=cmpd["warnings"], tensors=entries, decisions_rerun=decisions_rerun)
     return res

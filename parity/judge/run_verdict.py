@@ -83,7 +83,7 @@ def explain_float32(r32: Dict[str, Any], r64: Optional[Dict[str, Any]], stage: s
     if explained:        # the float32 groups, verdict and first divergence after the explanations
         ok32 = all(e["passed"] for e in r32["tensors"])
         r32.update(build_result(stage, "float32", r32["tensors"], r32["labels"]))
-        r32.update(passed=ok32, status="pass" if ok32 else "fail", exit_code=0 if ok32 else 1)
+        r32.update(passed=ok32, status="pass" if ok32 else "fail")
     r32["explained"] = explained
     if r64 is None:
         r32["provisional"] = bool(explained)
@@ -100,7 +100,6 @@ def combine(results: Dict[str, Dict[str, Any]], base_info: Dict[str, Any], stage
     passed = ok64 and ok32
     res = dict(base_info)
     res.update(dtype=dtype, stage=stage, status="pass" if passed else "fail", passed=passed,
-               exit_code=0 if passed else 1,
                verdict_basis="float64 arbiter + float32 within its noise floor",
                runs={"float64": r64, "float32": r32}, explained=explained,
                first_divergence=(r64.get("first_divergence") or r32.get("first_divergence")),

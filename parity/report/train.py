@@ -109,6 +109,7 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
     _drift(res, heading, L)
     _buffers(res, heading, L)
     _epochs(res, heading, L, img)
+    _start_end(res, heading, L)
     _sides(res, heading, L)
     _environment(res, heading, L)
     return "\n".join(L) + "\n"
@@ -299,6 +300,32 @@ def _epochs(res: Mapping[str, Any], heading: str, L: List[str], img) -> None:
         L += md_table(_df(rows), ".6g")
         L.append("")
         img("term_curves.png", "per-term curves")
+
+
+def _start_end(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
+    """Model size and where the loss started and ended, per side (runs written before the
+    workers recorded it have no such section)."""
+    sides = [s for s in res.get("sides", []) if s.get("start_end")]
+    if not sides:
+        return
+    L.append(f"{heading}# Start and end")
+    L.append("")
+    rows = []
+    for s in sides:
+        m, se = s.get("model") or {}, s["start_end"]
+        rows.append(OrderedDict([
+            ("side", s["label"]), ("parameters", m.get("parameters")), ("queries", m.get("num_queries")),
+            ("decoder layers", m.get("num_decoder_layers")), ("denoising", m.get("num_denoising")),
+            ("loss, iteration 1", se.get("first_iteration_total")),
+            ("mean loss, epoch 1", se.get("first_epoch_mean_total")),
+            ("last epoch", se.get("last_epoch")), ("mean loss, last epoch", se.get("last_epoch_mean_total")),
+            ("train s", g(sum(s.get("epoch_seconds") or []), ".1f")), ("wall s", g(s.get("wall_s"), ".1f"))]))
+    L += md_table(_df(rows), ".6g")
+    L.append("")
+    L.append("Parameters: trainable elements counted on the model each backend built. Losses: the weighted "
+             "total of every term (main, auxiliary and denoising). Train s: the sum of the epochs' training "
+             "time; wall s: the side's whole run (evaluations and checkpoints included).")
+    L.append("")
 
 
 def _sides(res: Mapping[str, Any], heading: str, L: List[str]) -> None:

@@ -16,9 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from parity.errors import RunError
-from parity.facts import repo_root
 from parity.fileio import read_npz_meta
-from parity.sides.process import PHASE_CAUSE, Progress, spawn, stop_group, tail, worker_env
+from parity.sides.process import PHASE_CAUSE, Progress, spawn, start, stop_group, tail
 
 
 STAGES = ("forward", "grad")
@@ -67,12 +66,7 @@ def preflight(jobs: Sequence[Job], verbose: bool = False) -> Dict[str, Dict[str,
     procs = []
     for key, j in seen.items():
         cmd = [j.python, "-m", "parity.workers.forward", "--backend", j.backend, "--check"]
-        try:
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(),
-                                 cwd=repo_root())
-        except OSError as e:
-            raise RunError(f"{j.backend} environment broken: cannot start {j.python}: {e.strerror or e}",
-                           side=j.backend, cause="environment missing") from None
+        p = start(cmd, j.backend, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append((j, p))
     versions = {}
     for j, p in procs:

@@ -1,8 +1,10 @@
 """Starting and watching a worker process, the one implementation every side uses.
 
 Which interpreter runs a backend (``resolve_python``), the environment a worker gets
-(``worker_env``: the repository first on PYTHONPATH), starting a worker with its output
-pumped into a log file (``spawn``), stopping its process group (``stop_group``), the last
+(``worker_env``: the repository first on PYTHONPATH), starting any worker process
+(``start``: the only ``Popen`` of the harness; the one-shot, train, serving and pre-flight
+workers all go through it), starting one with its output pumped into a log file
+(``spawn``), stopping its process group (``stop_group``), the last
 lines of a log for a crash report (``tail``), the progress lines (``Progress``) and SIGTERM
 turned into KeyboardInterrupt so every ``finally`` stops its workers (``run_interruptible``).
 """
@@ -65,18 +67,28 @@ def pump(pipe, log_path: str, echo: bool) -> None:
     pipe.close()
 
 
+def start(cmd: List[str], backend: str, *, stdin=None, stdout=None, stderr=None,
+          env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """Start ``cmd`` (a backend's interpreter and a worker module) with :func:`worker_env`,
+    the repository as working folder and its own process group (so :func:`stop_group` stops
+    whatever it started, and a Ctrl-C reaches only the runner, which stops it in a
+    ``finally``).  ``stdin``/``stdout``/``stderr`` as for ``Popen``.  A process that cannot
+    start is one line: :class:`RunError` naming the backend and the interpreter."""
+    try:
+        return subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr, env=worker_env(env),
+                                cwd=repo_root(), start_new_session=True)
+    except OSError as e:
+        raise RunError(f"{backend} environment broken: cannot start {cmd[0]}: {e.strerror or e}", side=backend,
+                       cause="environment missing") from None
+
+
 def spawn(cmd: List[str], log_path: str, backend: str, verbose: bool, env: Optional[Dict[str, str]] = None,
           append: bool = False) -> Tuple[subprocess.Popen, threading.Thread]:
-    """Start ``cmd`` in its own process group, its output (stdout + stderr) pumped into
-    ``log_path`` (echoed with ``verbose``); the log starts with the command line."""
+    """Start ``cmd`` (:func:`start`), its output (stdout + stderr) pumped into ``log_path``
+    (echoed with ``verbose``); the log starts with the command line."""
     with open(log_path, "ab" if append else "wb") as fh:
         fh.write(("$ " + " ".join(cmd) + "\n").encode())
-    try:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env(env),
-                             cwd=repo_root(), start_new_session=True)
-    except OSError as e:
-        raise RunError(f"{backend} side: cannot start {cmd[0]}: {e.strerror or e}", side=backend,
-                       cause="environment missing") from None
+    p = start(cmd, backend, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     th = threading.Thread(target=pump, args=(p.stdout, log_path, verbose), daemon=True)
     th.start()
     return p, th

@@ -29,10 +29,9 @@ import threading
 import time
 from typing import Any, Dict, Optional, Sequence
 
-from parity.errors import WorkerError
-from parity.facts import repo_root
+from parity.errors import RunError, WorkerError
 from parity.numfmt import fmt_s
-from parity.sides.process import progress, worker_env, worker_threads_env
+from parity.sides.process import progress, start, stop_group, worker_threads_env
 
 
 PROGRESS_EVERY_S = 5.0
@@ -52,16 +51,15 @@ class WorkerProcess:
         self.log_path = log_path
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         self._log = open(log_path, "ab")
-        e = worker_env(env)
         self.cmd = [python, "-m", module, "--backend", backend, *args]
         self._log.write((" ".join(self.cmd) + "\n").encode())
         self._log.flush()
         try:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=None if verbose else self._log, cwd=repo_root(), env=e)
-        except OSError as ex:
+            self.proc = start(self.cmd, backend, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=None if verbose else self._log, env=env)
+        except RunError as ex:
             self._log.close()
-            raise WorkerError(backend, f"{backend} worker: cannot start {python}: {ex.strerror or ex}") from None
+            raise WorkerError(backend, str(ex)) from None
         self._q: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
         self._last_error: Optional[Dict[str, Any]] = None
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -164,14 +162,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
-                self.proc.terminate()
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            except OSError:
-                pass
+            stop_group(self.proc, grace=10.0)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f:

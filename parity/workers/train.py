@@ -166,12 +166,20 @@ class TrainWorker(SideFiles):
             code = EXIT_INPUT if type(e).__name__ == "WeightsError" else EXIT_CRASH
             raise WorkerFailure("weights", code, f"load_weights: {type(e).__name__}: {e}") from None
         self.base_lrs = self.adapter.get_lr()      # the config's rates (built before any state is loaded)
+        # counted on the model this backend built (the seed experiment compared two different
+        # models: its parameter counts differed, and nobody checked)
+        exported = self.adapter.export_weights()
+        dec = self.cfg.decoder
+        model_info = {"parameters": int(sum(exported[n].size for n in self.adapter.param_groups())),
+                      "state_elements": int(sum(v.size for v in exported.values())),
+                      "num_queries": dec.num_queries, "num_decoder_layers": dec.num_decoder_layers,
+                      "num_denoising": dec.num_denoising}
 
         self.log: Dict[str, Any] = {
             "schema": LOG_SCHEMA, "backend": a.backend, "side": a.side, "dtype": a.dtype, "device": a.device,
             "config": self.cfg.name, "config_digest": self.cfg.digest(), "status": "running",
             "epochs_planned": int(self.plan["epochs"]), "base_lrs": self.base_lrs, "versions": self.versions,
-            "threads": threads_info(a.backend),
+            "threads": threads_info(a.backend), "model": model_info,
             "faults": applied + ([f"nonfinite at iteration {nonfinite_at}"] if nonfinite_at else []),
             "resumed": [], "nonfinite": None, "iterations": [], "epochs": [], "evals": [], "timing": {}}
         return faults, nonfinite_at
