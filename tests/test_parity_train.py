@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,6 +105,28 @@ def test_smoke_train_run_passes_thresholds(runs):
     assert se["first_iteration_total"] == t32["iterations"][0]["total"]
     assert se["last_epoch_mean_total"] == t32["epochs"][-1]["mean_total"]
     assert se["last_epoch"] == 2 and se["first_epoch_mean_total"] > 0 and se["last_epoch_mean_total"] > 0
+
+
+def test_parity_same_finds_the_resumed_run_identical_and_a_changed_one_not(runs, tmp_path):
+    # interrupted + resumed == uninterrupted, bit for bit, on the sides both runs have
+    r = parity("same", runs["full"], runs["part"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "T32: identical" in r.stdout and "J32: identical" in r.stdout and "SAME: bit for bit" in r.stdout
+    # one loss term of one iteration changed in the last bit: named, exit 1
+    changed = str(tmp_path / "changed")
+    shutil.copytree(runs["part"], changed)
+    path = os.path.join(changed, "J32", "log.json")
+    with open(path) as fh:
+        lg = json.load(fh)
+    lg["iterations"][3]["losses"]["loss_giou"] = float(np.nextafter(lg["iterations"][3]["losses"]["loss_giou"], 1e9))
+    with open(path, "w") as fh:
+        json.dump(lg, fh)
+    r = parity("same", runs["full"], changed)
+    assert r.returncode == 1 and "J32: DIFFERENT" in r.stdout and "iteration 4: losses differ" in r.stdout
+    assert "T32: identical" in r.stdout
+    # not a run folder: one line, exit 2
+    r = parity("same", runs["full"], str(tmp_path))
+    assert r.returncode == 2 and "no result.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_interrupted_run_stops_with_a_checkpoint(runs):

@@ -7,7 +7,7 @@ parity/cli/args.py it takes) and ``run(args) -> int``.
 """
 from __future__ import annotations
 
-from parity.commands import bench, detect, eval as eval_stage, forward, report, selftest, spec, train
+from parity.commands import bench, detect, eval as eval_stage, forward, report, same, selftest, spec, train
 
 STAGE_MODULES = {"forward": forward, "grad": forward, "train": train, "eval": eval_stage}
 STAGES = tuple(STAGE_MODULES)
@@ -17,6 +17,7 @@ COMMANDS = {
     "spec": (spec, "print the parameter spec (the state_dict contract) of a config", ()),
     "run": (None, "run a parity stage in both environments and compare", ()),
     "report": (report, "render run folders into report.md/json + plots", ()),
+    "same": (same, "are two train runs identical, bit for bit (rerun, resume)", ()),
     "detect": (detect, "run both backends on images and draw their detections", ("interpreters", "verbose")),
     "bench": (bench, "speed and memory of both backends side by side", ("interpreters", "verbose")),
     "selftest": (selftest, "plant porting bugs in the Jittor backend and measure what the harness catches",
