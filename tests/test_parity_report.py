@@ -36,7 +36,7 @@ def rendered(tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     train, fwd, rep = str(base / "train"), str(base / "fwd"), str(base / "rep")
     r = parity("run", "--stage", "train", "--config", "smoke", "--limit-images", "2", "--limit-val", "2",
-               "--batch-size", "2", "--epochs", "2", "--out", train)
+               "--batch-size", "2", "--epochs", "2", "--eval-every", "1", "--out", train)
     _ok(r)
     r = parity("run", "--stage", "forward", "--config", "smoke", "--batch-size", "1", "--dtype", "float32", "--out", fwd)
     _ok(r, (0, 1))                # the verdict is the forward stage's business; the folder is what we render
@@ -118,6 +118,13 @@ def test_report_markdown_shows_curves_tables_and_environment(rendered):
     assert len(rows) >= 2
     for s in res["sides"]:
         assert f"| {s['label']} | {s['backend']} | {s['dtype']} |" in md
+    # mAP at both evaluated epochs, with J32 - T32; start and end of every side
+    ap = md.split("AP at every evaluated epoch:")[1].split("![")[0]
+    assert "| epoch | T32 AP | J32 AP | T64 AP | AP J32 - T32 |" in ap
+    assert sum(ln.startswith(("| 1 |", "| 2 |")) for ln in ap.splitlines()) == 2
+    start = md.split("## Start and end")[1].split("## ")[0]
+    for s in res["sides"]:
+        assert f"| {s['label']} | {s['model']['parameters']} | 300 | 6 | 100 |" in start
 
 
 def test_report_of_a_folder_that_is_not_a_run_exits_2(tmp_path):

@@ -227,12 +227,36 @@ def _map(res: Mapping[str, Any], heading: str, L: List[str], img) -> None:
             r["EMA"] = "yes" if m[last].get("ema") else "no"
             rows.append(r)
         L += md_table(_df(rows), ".4f")
+        _map_epochs(res, maps, L)
         if cb and cb.get("map") and cb["map"].get("abs"):
             L.append("")
             L.append("Absolute difference " + f"{labels.get('cand')} - {labels.get('base')}: "
                      + ", ".join(f"{k} {g(v, '.4f')}" for k, v in cb["map"]["abs"].items()))
         L.append("")
         img("map.png", "mAP per evaluated epoch")
+
+
+def _map_epochs(res: Mapping[str, Any], maps: Mapping[str, Any], L: List[str]) -> None:
+    """AP of every side at every evaluated epoch, with candidate - base (only when a side was
+    evaluated more than once)."""
+    sides = [s["label"] for s in res.get("sides", []) if maps.get(s["label"])]
+    epochs = sorted({int(e) for lb in sides for e in maps[lb]})
+    if len(epochs) < 2:
+        return
+    labels = res.get("labels", {})
+    base, cand = labels.get("base"), labels.get("cand")
+    rows = []
+    for e in epochs:
+        r = OrderedDict([("epoch", e)])
+        for lb in sides:
+            r[f"{lb} AP"] = (maps[lb].get(str(e)) or {}).get("AP")
+        if base in sides and cand in sides and r.get(f"{base} AP") is not None and r.get(f"{cand} AP") is not None:
+            r[f"AP {cand} - {base}"] = r[f"{cand} AP"] - r[f"{base} AP"]
+        rows.append(r)
+    L.append("")
+    L.append("AP at every evaluated epoch:")
+    L.append("")
+    L += md_table(_df(rows), ".4f")
 
 
 def _drift(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
