@@ -109,6 +109,9 @@ def test_default_dtype_is_both_with_float64_arbiter(root, stage):
         assert x["group"] in ("grads", "step") and x["evidence"].split(":")[0] in ("kink", "adamw", "amplified", "noisy")
     md = open(os.path.join(out, "summary.md")).read()
     assert "float64 + float32: **PASS**" in md and "Verdict rests on" in md
+    # each comparison's section shows the run's wall time, thresholds file and its own sides
+    assert md.count(f"Total wall time {res['wall_s']:.1f}s. Thresholds: `{res['thresholds_file']}`") == 2
+    assert "| J64 (cand) | jittor | float64 |" in md and "| J32" in md and "Thresholds: `None`" not in md
 
 
 def test_forward_share_decisions_covers_both_passes(root):

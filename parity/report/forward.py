@@ -87,7 +87,11 @@ def _both_markdown(result: Dict[str, Any]) -> str:
         L += [f"| `{x['name']}` | {_g(x.get('err'))} | {_g(x.get('floor'))} | {_g(x.get('ratio'), '.3g')} | "
               f"{x['evidence']} |" for x in ex]
     for dt in ("float64", "float32"):
-        sub = summary_markdown(result["runs"][dt])
+        # a comparison holds its tensors; the sides, wall time and thresholds file are the run's
+        sub = summary_markdown({**result["runs"][dt], "wall_s": result.get("wall_s", 0),
+                                "thresholds_file": result.get("thresholds_file"),
+                                "sides": [s for s in result.get("sides", [])
+                                          if s.get("label") in result["runs"][dt]["labels"].values()]})
         L += ["", "---", ""] + [("#" + ln if ln.startswith("#") else ln) for ln in sub.splitlines()]
     return "\n".join(L) + "\n"
 
