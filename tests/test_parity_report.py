@@ -120,7 +120,7 @@ def test_report_markdown_shows_curves_tables_and_environment(rendered):
         assert f"| {s['label']} | {s['backend']} | {s['dtype']} |" in md
     # mAP at both evaluated epochs, with J32 - T32; start and end of every side
     ap = md.split("AP at every evaluated epoch:")[1].split("![")[0]
-    assert "| epoch | T32 AP | J32 AP | T64 AP | AP J32 - T32 |" in ap
+    assert "| epoch | T32 AP | J32 AP | T64 AP | AP J32 - T32 | AP T64 - T32 |" in ap
     assert sum(ln.startswith(("| 1 |", "| 2 |")) for ln in ap.splitlines()) == 2
     start = md.split("## Start and end")[1].split("## ")[0]
     for s in res["sides"]:

@@ -131,7 +131,7 @@ def _overview(res: Mapping[str, Any], run_dir: str, L: List[str]) -> None:
     L.append(f"- data: {'bundled synthetic set' if data.get('synthetic') else data.get('root')}; mAP on "
              f"{plan.get('n_val')} val images (of {data.get('n_val_total')}), evaluated every "
              f"{plan.get('eval_every') or '-'} epoch(s) and after the last")
-    L.append(f"- weights: {'seeded init, seed ' + str(w.get('seed')) if w.get('source') == 'seeded' else w.get('path')}")
+    L.append(f"- weights: {'seeded init, seed ' + str(w.get('seed')) if w.get('source') == 'seeded' else shown_path(w.get('path'))}")
     sides_txt = ", ".join(f"{s['label']} = {s['backend']} {s['dtype']} ({s['role']})" for s in res.get("sides", []))
     L.append(f"- sides: {sides_txt}; {'one after another' if res.get('sequential') else 'run concurrently'}, "
              f"{res.get('threads')} thread(s) each")
@@ -237,8 +237,8 @@ def _map(res: Mapping[str, Any], heading: str, L: List[str], img) -> None:
 
 
 def _map_epochs(res: Mapping[str, Any], maps: Mapping[str, Any], L: List[str]) -> None:
-    """AP of every side at every evaluated epoch, with candidate - base (only when a side was
-    evaluated more than once)."""
+    """AP of every side at every evaluated epoch, with candidate - base and reference - base
+    (the float32 floor; only when a side was evaluated more than once)."""
     sides = [s["label"] for s in res.get("sides", []) if maps.get(s["label"])]
     epochs = sorted({int(e) for lb in sides for e in maps[lb]})
     if len(epochs) < 2:
@@ -250,8 +250,9 @@ def _map_epochs(res: Mapping[str, Any], maps: Mapping[str, Any], L: List[str]) -
         r = OrderedDict([("epoch", e)])
         for lb in sides:
             r[f"{lb} AP"] = (maps[lb].get(str(e)) or {}).get("AP")
-        if base in sides and cand in sides and r.get(f"{base} AP") is not None and r.get(f"{cand} AP") is not None:
-            r[f"AP {cand} - {base}"] = r[f"{cand} AP"] - r[f"{base} AP"]
+        for other in (cand, labels.get("ref")):       # the difference, then float32's own (floor)
+            if base in sides and other in sides and None not in (r.get(f"{base} AP"), r.get(f"{other} AP")):
+                r[f"AP {other} - {base}"] = r[f"{other} AP"] - r[f"{base} AP"]
         rows.append(r)
     L.append("")
     L.append("AP at every evaluated epoch:")
