@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, nargs="+",
                    help=f"preset(s) ({', '.join(available_presets())}) or YAML path(s); several -> one table")
     p.add_argument("--size", default=None, help="input size N or HxW, multiples of 32 (default: each config's "
-                                                "train.image_size: 640 for the official presets, 128 for smoke)")
+                                                "train.image_size: 640 for the official presets, 96x160 for smoke)")
     p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     p.add_argument("--mode", choices=["eval", "train", "both"], default="both")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per measure (default 5)")
