@@ -47,9 +47,10 @@ def _weights_difference(pa: str, pb: str) -> Dict[str, Any]:
         return {"n": 0, "differ": ["final.safetensors missing"]}
     differ = []
     with safe_open(pa, framework="numpy") as fa, safe_open(pb, framework="numpy") as fb:
-        names = sorted(set(fa.keys()) | set(fb.keys()))
+        ka, kb = set(fa.keys()), set(fb.keys())
+        names = sorted(ka | kb)
         for n in names:
-            if n not in fa.keys() or n not in fb.keys():
+            if n not in ka or n not in kb:
                 differ.append(n)
                 continue
             x, y = fa.get_tensor(n), fb.get_tensor(n)
@@ -91,8 +92,7 @@ def same_runs(run_a: str, run_b: str) -> Dict[str, Any]:
         raise ValueError(f"{run_a} and {run_b} have no side in common")
     sides = {lb: same_side(os.path.join(run_a, lb), os.path.join(run_b, lb),
                            (ra.get("map") or {}).get(lb, {}), (rb.get("map") or {}).get(lb, {})) for lb in labels}
+    same_config = ra.get("config_digest") == rb.get("config_digest")
     return {"run_a": os.path.abspath(run_a), "run_b": os.path.abspath(run_b),
-            "config_digest": [ra.get("config_digest"), rb.get("config_digest")],
-            "same_config": ra.get("config_digest") == rb.get("config_digest"),
-            "sides": sides, "same": all(s["same"] for s in sides.values())
-            and ra.get("config_digest") == rb.get("config_digest")}
+            "config_digest": [ra.get("config_digest"), rb.get("config_digest")], "same_config": same_config,
+            "sides": sides, "same": same_config and all(s["same"] for s in sides.values())}
