@@ -337,6 +337,33 @@ def test_curve_metrics_lockstep_and_rules():
     assert not c["passed"] and "above" in c["reason"]
 
 
+def _epoch_log(totals):
+    return _fake_log([t for t in totals for _ in range(2)])
+
+
+def test_final_window_floor_is_the_reference_noise_not_its_cancelling_mean():
+    """The 320x512 float32 run of 2026-12-04 (3 epochs): T32 vs T64 differed by 1.1e-3, 2.1e-3
+    and 6.2e-3 per epoch with opposite signs, so the reference's signed window mean was 8.9e-4
+    and failed J32's 8.3e-3 although every J32 epoch was within 4x its floor."""
+    from parity.judge import curves
+    from parity.judge.thresholds import load_thresholds
+    rules = load_thresholds().train().for_dtype("float32")
+    ref = _epoch_log([39.571331595208264, 37.014770115490215, 36.09247817791858])
+    base = _epoch_log([39.52728271484375, 36.93652925491333, 36.314987659454346])
+    cand = _epoch_log([39.42484560012817, 36.81261892318726, 35.60759377479553])
+    m, fl = curves.curve_metrics(cand, base), curves.curve_metrics(base, ref)
+    assert fl["final_window_rel"] == pytest.approx(8.894e-4, rel=1e-3)              # cancelled
+    assert fl["final_window_noise"] == pytest.approx((1.113e-3 + 2.114e-3 + 6.165e-3) / 3, rel=1e-3)
+    checks = {c["check"]: c for c in curves.judge(m, rules, floor=fl)}
+    assert checks["epoch_total_rel"]["passed"]
+    c = checks["final_window_rel"]
+    assert c["passed"] and c["rule"] == "floor" and c["floor"] == fl["final_window_noise"]
+    # a real offset in every epoch (3% low, same sign) is still a FAIL against the same floor
+    bad = _epoch_log([t * 0.97 for t in (39.52728271484375, 36.93652925491333, 36.314987659454346)])
+    c = {x["check"]: x for x in curves.judge(curves.curve_metrics(bad, base), rules, floor=fl)}["final_window_rel"]
+    assert not c["passed"] and "above" in c["reason"]
+
+
 def test_param_drift_and_lr_schedule():
     from parity.judge import curves
     from rtdetr_core.lr_schedule import multistep_factor as lr_factor
