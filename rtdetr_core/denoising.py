@@ -12,16 +12,24 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 
-def dn_layout(counts: Sequence[int], num_denoising: int) -> Optional[Dict[str, int]]:
+def dn_layout(counts: Sequence[int], num_denoising: int, max_gt: Optional[int] = None) -> Optional[Dict[str, int]]:
     """Group layout for a batch whose images hold ``counts`` boxes.
 
     Returns None when denoising is off for the batch (no boxes at all, or num_denoising 0).
     ``G`` = max boxes per image, ``num_group`` = num_denoising // G (at least 1),
     ``num_dn`` = 2 * G * num_group queries per image (positives then negatives per group).
+    ``max_gt``: G of the global batch when this batch is one rank's shard of it (data
+    parallel): every rank then builds the global batch's layout, so a rank holds exactly
+    its images' rows of the single-process dn queries, and a rank whose shard has no boxes
+    still runs the same graph as the others (all its dn slots are padding).
     """
     if num_denoising <= 0:
         return None
     g = int(max(counts)) if len(counts) else 0
+    if max_gt is not None:
+        if int(max_gt) < g:
+            raise ValueError(f"dn layout: max_gt {max_gt} of the global batch is below this shard's {g}")
+        g = int(max_gt)
     if g == 0:
         return None
     num_group = max(num_denoising // g, 1)
@@ -51,3 +59,28 @@ def draw_denoising(rng: np.random.Generator, counts: Sequence[int], num_denoisin
 
 
 DN_DRAW_KEYS = ("label_mask_rand", "new_label", "box_sign_rand01", "box_rand_part")
+# optional entry of a draws dict: G of the global batch (int), set on one rank's shard
+DN_MAX_GT_KEY = "max_gt"
+
+
+def shard_draws(draws: Optional[Dict[str, np.ndarray]], start: int, stop: int) -> Optional[Dict[str, np.ndarray]]:
+    """Rows ``start:stop`` (one rank's images) of a global batch's draws, with the global
+    batch's G under ``DN_MAX_GT_KEY`` so the shard keeps the global layout (``dn_layout``)."""
+    if draws is None:
+        return None
+    g = int(draws[DN_MAX_GT_KEY]) if DN_MAX_GT_KEY in draws else None
+    out = {k: np.asarray(draws[k])[start:stop] for k in DN_DRAW_KEYS}
+    if g is None:
+        # num_dn = 2 * G * (num_denoising // G) does not give G back: the caller's layout does
+        raise ValueError("shard_draws: the global draws carry no max_gt (use with_max_gt first)")
+    out[DN_MAX_GT_KEY] = np.asarray(g, dtype=np.int64)
+    return out
+
+
+def with_max_gt(draws: Optional[Dict[str, np.ndarray]], counts: Sequence[int]) -> Optional[Dict[str, np.ndarray]]:
+    """The global batch's draws with its G recorded (before they are sharded)."""
+    if draws is None:
+        return None
+    out = dict(draws)
+    out[DN_MAX_GT_KEY] = np.asarray(int(max(counts)) if len(counts) else 0, dtype=np.int64)
+    return out

@@ -14,6 +14,7 @@ from . import framework as fw
 from .capture import recorder_for
 from .common import named_batchnorms
 from .criterion import SetCriterion
+from .distributed import World, average_gradients, convert_sync_batchnorm, init_world
 from .ema import ModelEMA
 from .framework import jt
 from .matcher import HungarianMatcher
@@ -66,6 +67,17 @@ class Adapter:
                                                  self.cfg.postprocess.num_top_queries)
         self.optimizer: Optional[fw.AdamW] = None
         self.ema: Optional[ModelEMA] = None
+        self.world = World()
+
+    def data_parallel(self) -> World:
+        """Join the MPI world of an mpirun launch, as the official training does in torch:
+        BatchNorm synced (distributed.convert_sync_batchnorm), gradients averaged over the
+        ranks after jt.grad (as jittor.optim does), and the criterion's num_boxes
+        all-reduced.  World size 1: nothing changes."""
+        self.world = init_world(self.device)
+        if self.world.active:
+            convert_sync_batchnorm(self.model, self.device)
+        return self.world
 
     # --- weights -----------------------------------------------------------------------
     def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
@@ -168,7 +180,7 @@ class Adapter:
         gs = jt.grad(total, [named[n] for n in names])
         grads = OrderedDict((n, None) for n in named)
         grads.update(zip(names, gs))
-        return grads
+        return average_gradients(grads)
 
     def loss(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
              backward: bool = False, capture: Union[bool, Sequence[str]] = False) -> dict:

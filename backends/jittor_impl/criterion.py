@@ -14,6 +14,7 @@ from jittor import nn
 from . import framework as fw
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .capture import is_recording, note_decision
+from .distributed import all_reduce_sum, current_world
 from .framework import jt
 
 
@@ -124,7 +125,9 @@ class SetCriterion(nn.Module):
             used[name] = ind
             return [(m[0], m[1]) for m in ind]
 
-        num_boxes = float(max(sum(len(t["labels"]) for t in targets), 1))
+        # official: the box count all-reduced over the ranks and divided by the world size, so
+        # each rank's loss is its share of the global batch's (gradients are then averaged)
+        num_boxes = float(max(all_reduce_sum(sum(len(t["labels"]) for t in targets)) / current_world().size, 1))
         losses = OrderedDict()
         main = {k: v for k, v in outputs.items() if "aux" not in k}
         losses.update(self._weighted(main, targets, match("final", main), num_boxes))

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from rtdetr_core.denoising import DN_DRAW_KEYS, dn_layout
+from rtdetr_core.denoising import DN_DRAW_KEYS, DN_MAX_GT_KEY, dn_layout
 
 from . import framework as fw
 
@@ -33,7 +33,7 @@ def get_contrastive_denoising_training_group(targets, num_classes, num_queries, 
     if num_denoising <= 0 or draws is None:
         return None, None, None, None
     num_gts = [len(t["labels"]) for t in targets]
-    lay = dn_layout(num_gts, num_denoising)
+    lay = dn_layout(num_gts, num_denoising, None if draws is None else draws.get(DN_MAX_GT_KEY))
     if lay is None:
         return None, None, None, None
     g, num_group, n_dn = lay["max_gt"], lay["num_group"], lay["num_dn"]

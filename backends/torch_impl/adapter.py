@@ -13,6 +13,7 @@ from rtdetr_core.param_spec import param_spec
 
 from .capture import recorder_for
 from .criterion import SetCriterion
+from .distributed import World, convert_sync_batchnorm, init_world
 from .ema import ModelEMA
 from .framework import from_numpy, get_dtype, no_grad, to_numpy
 from .matcher import HungarianMatcher
@@ -65,6 +66,19 @@ class Adapter:
                                                  self.cfg.postprocess.num_top_queries)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.ema: Optional[ModelEMA] = None
+        self.net: torch.nn.Module = model        # what train-mode forwards run: model, or its DDP wrapper
+        self.world = World()
+
+    def data_parallel(self) -> World:
+        """Join the process group of a torchrun launch, as the official training does:
+        BatchNorm synced (distributed.convert_sync_batchnorm), the model wrapped in
+        DistributedDataParallel (gradients averaged; find_unused_parameters as the official
+        config), and the criterion's num_boxes all-reduced.  World size 1: nothing changes."""
+        self.world = init_world(str(self.device))
+        if self.world.active and self.net is self.model:
+            convert_sync_batchnorm(self.model, self.device.type)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        return self.world
 
     # --- weights -----------------------------------------------------------------------
     def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
@@ -138,7 +152,7 @@ class Adapter:
         return res
 
     def _train_forward_loss(self, x, tgts, dn_draws, matches, topk_index, multi_scale_size=None):
-        out = self.model(x, tgts, dn_draws, topk_index, multi_scale_size)
+        out = self.net(x, tgts, dn_draws, topk_index, multi_scale_size)
         losses, used = self.criterion.compute(out, tgts, matches)
         total = sum(losses.values())   # Python sum in dict order, as the official loop
         return out, losses, used, total

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .capture import active, note_decision
+from .distributed import all_reduce_sum, current_world
 from .framework import bce_with_logits
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -144,7 +145,9 @@ class SetCriterion(nn.Module):
         used["final"] = self._match("final", main, targets, matches)
 
         # float normaliser, clamped so a batch without boxes still gives finite losses
-        num_boxes = float(max(sum(len(t["labels"]) for t in targets), 1))
+        # official: the box count all-reduced over the ranks and divided by the world size, so
+        # each rank's loss is its share of the global batch's (gradients are then averaged)
+        num_boxes = float(max(all_reduce_sum(sum(len(t["labels"]) for t in targets)) / current_world().size, 1))
         self._add(losses, main, targets, used["final"], num_boxes, "")
 
         for i, aux in enumerate(outputs.get("aux_outputs", [])):

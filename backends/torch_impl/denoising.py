@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
-from rtdetr_core.denoising import DN_DRAW_KEYS, dn_layout
+from rtdetr_core.denoising import DN_DRAW_KEYS, DN_MAX_GT_KEY, dn_layout
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .common import inverse_sigmoid
@@ -33,7 +33,7 @@ def get_contrastive_denoising_training_group(targets: List[Dict[str, torch.Tenso
                "dn_num_split": [N, Q]}
     """
     num_gts = [int(len(t["labels"])) for t in targets]
-    lay = dn_layout(num_gts, num_denoising)
+    lay = dn_layout(num_gts, num_denoising, None if draws is None else draws.get(DN_MAX_GT_KEY))
     if lay is None or draws is None:
         return None, None, None, None
     max_gt, num_group, num_dn = lay["max_gt"], lay["num_group"], lay["num_dn"]

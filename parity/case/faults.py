@@ -11,6 +11,8 @@ from typing import Any, List, Optional, Sequence
 WEIGHT_OPS = ("scale", "add", "noise")
 CRASH_KINDS = ("raise", "abort", "exit")
 CODE_KINDS = ("backward-detach",)
+# a broken data-parallel rule on one side (--nproc > 1; parity/workers/dist_faults.py)
+DIST_KINDS = ("grad-sum", "num-boxes-local", "bn-local", "same-shard")
 
 
 class FaultError(ValueError):
@@ -19,7 +21,7 @@ class FaultError(ValueError):
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str                  # weight | upsample | config | bn-momentum | code | optim | crash
+    kind: str                  # weight | upsample | config | bn-momentum | code | optim | dist | crash
     target: str = ""           # weight name/pattern, config key, upsample mode, crash kind
     op: str = ""               # weight op
     value: Any = None          # weight op value / config value
@@ -75,12 +77,16 @@ def parse_fault(spec: str) -> Fault:
         if val is None or not val > 0:
             raise FaultError(f"fault '{spec}': expected optim:lr-scale=V with a number V > 0")
         return Fault("optim", op, value=val, spec=s)
+    if kind == "dist":
+        if rest not in DIST_KINDS:
+            raise FaultError(f"fault '{spec}': expected dist:{'|'.join(DIST_KINDS)}")
+        return Fault("dist", rest, spec=s)
     if kind == "crash":
         if rest not in CRASH_KINDS:
             raise FaultError(f"fault '{spec}': expected crash:{'|'.join(CRASH_KINDS)}")
         return Fault("crash", rest, spec=s)
     raise FaultError(f"fault '{spec}': unknown kind '{kind}' (weight, upsample, config, bn-momentum, code, optim, "
-                     f"crash)")
+                     f"dist, crash)")
 
 
 def parse_faults(specs: Optional[Sequence[str]]) -> List[Fault]:

@@ -21,6 +21,7 @@ COMMON_DEFAULTS: Dict[str, Any] = {"config": "smoke", "dtype": None, "device": "
 GROUP_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "faults": {"inject_fault": [], "fault_side": "jittor"},
     "reference": {"no_reference": False},
+    "ranks": {"nproc": 1},
 }
 SPLIT_DTYPE = ("forward", "grad")      # stages whose default --dtype is both (float64 arbitrates)
 
@@ -68,6 +69,9 @@ def add_groups(rp: argparse.ArgumentParser) -> None:
                          "config:decoder.num_queries=200, crash:raise (see parity/workers/faults.py)")
     rp.add_argument("--fault-side", choices=["jittor", "torch"],
                     help="side that gets --inject-fault (default: jittor)")
+    rp.add_argument("--nproc", type=int, metavar="N",
+                    help="grad/train: run each side as N data-parallel processes (PyTorch: torchrun + DDP; "
+                         "Jittor: mpirun + Jittor MPI); the global batch is split over them (default 1)")
 
 
 def stage_defaults(module) -> Dict[str, Any]:

@@ -33,6 +33,7 @@ import time
 from typing import Any, Dict, Optional
 
 from parity.commands import forward_steps as steps
+from parity.commands import grad_ranks
 from parity.commands.options import opt
 from parity.errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, RunError
 from parity.fileio import error_result, write_json, write_text
@@ -41,7 +42,7 @@ from parity.sides.jobs import preflight
 from parity.sides.process import Progress
 
 # the options of this stage beyond the shared ones (parity/cli/args.py)
-RUN_GROUPS = ("faults", "reference")
+RUN_GROUPS = ("faults", "reference", "ranks")
 RUN_DEFAULTS = {"share_decisions": False, "float64_budget": 1800.0, "keep_arrays": False, "candidate_backend": "jittor"}
 
 
@@ -59,6 +60,8 @@ def add_run_arguments(rp: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``parity run --stage forward|grad`` (see the module docstring).  Returns the exit code."""
+    if int(opt(args, "nproc", 1) or 1) != 1:
+        return grad_ranks.run(args)        # the N-process flow (its own jobs and verdict)
     t_start = time.perf_counter()
     base_info: Dict[str, Any] = {"schema": 1, "stage": args.stage}
     out: Optional[str] = None

@@ -30,10 +30,11 @@ GROUPS = {
     "grad": ("intermediates", "outputs", "losses", "grads", "step"),
 }
 _KEYS = ("rel_l2", "cos", "atol", "zero_ref", "k", "allowance", "cap", "cos_ref")
-OTHER_SECTIONS = {"eval", "detect", "train", "bench"}   # parsed on demand (Thresholds.section / .train)
+OTHER_SECTIONS = {"eval", "detect", "train", "bench", "ranks"}   # parsed on demand (Thresholds.section / .train)
 # defaults (used when thresholds.yaml has no such key); the YAML holds the reasoning
 SECTION_DEFAULTS: Dict[str, Dict[str, float]] = {
     "detect": {"match_iou": 0.5, "min_agreement": 0.9},
+    "ranks": {"loss_rel": 1e-12, "grad_rel": 1e-11, "step_rel": 1e-11, "grad_floor": 1e-3},
     "eval": {"max_ap_diff": 0.002, "match_iou": 0.5, "score_threshold": 0.3, "min_mean_agreement": 0.0,
              "max_tie_rows": 4},
 }

@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from parity.errors import RunError
+from parity.case.shards import rank_out
 from parity.fileio import read_npz_meta
+from parity.sides.launch import rank_command
 from parity.sides.process import PHASE_CAUSE, Progress, spawn, start, stop_group, tail
 
 
@@ -51,10 +53,17 @@ class Job:
     faults: List[str] = field(default_factory=list)
     wall: float = 0.0
     meta: Dict[str, Any] = field(default_factory=dict)
+    nproc: int = 1                          # data-parallel ranks (parity/sides/launch.py)
+    rank_meta: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def log(self) -> str:
         return self.out[:-4] + ".log"
+
+    @property
+    def outs(self) -> List[str]:
+        """The result file of every rank (``out`` itself for one process)."""
+        return [self.out] if self.nproc <= 1 else [rank_out(self.out, r) for r in range(self.nproc)]
 
 
 def preflight(jobs: Sequence[Job], verbose: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -88,18 +97,23 @@ def preflight(jobs: Sequence[Job], verbose: bool = False) -> Dict[str, Dict[str,
 
 def run_job(job: Job, case_dir: str, device: str, progress: Progress, index: int, total: int,
             verbose: bool = False, timeout: Optional[float] = None) -> None:
-    cmd = [job.python, "-m", "parity.workers.forward", "--backend", job.backend, "--case", case_dir, "--out", job.out,
+    cmd = ["-m", "parity.workers.forward", "--backend", job.backend, "--case", case_dir, "--out", job.out,
            "--dtype", job.dtype, "--task", job.task, "--device", device]
+    if job.nproc > 1:
+        cmd += ["--nproc", str(job.nproc)]
     if job.share_from:
         cmd += ["--share-decisions", os.path.join(os.path.dirname(job.out), f"decisions-{job.share_from}.npz")]
     for f in job.faults:
         cmd += ["--inject-fault", f]
+    cmd = rank_command(job.backend, job.python, job.nproc, cmd)
     name = f"[{index}/{total}] {job.backend:<6} {job.dtype} {job.task:<7} ({job.label}, {job.role})"
+    if job.nproc > 1:
+        name += f" x{job.nproc} ranks"
     if not progress.tty:
         progress.line(f"  {name} ...")
     t0 = time.perf_counter()
     p, th = spawn(cmd, job.log, job.backend, verbose)
-    status = job.out + ".status"
+    status = job.outs[0] + ".status"
     timed_out = False
     try:
         while p.poll() is None:
@@ -122,10 +136,14 @@ def run_job(job: Job, case_dir: str, device: str, progress: Progress, index: int
     th.join(timeout=5)
     job.wall = time.perf_counter() - t0
     rc = p.returncode
-    err_file = job.out + ".error.json"
-    if rc == 0 and os.path.isfile(job.out):
-        with np.load(job.out, allow_pickle=False) as z:
-            job.meta = read_npz_meta(z)
+    errs = [o + ".error.json" for o in job.outs if os.path.isfile(o + ".error.json")]
+    err_file = errs[0] if errs else job.out + ".error.json"
+    if rc == 0 and all(os.path.isfile(o) for o in job.outs):
+        job.rank_meta = []
+        for o in job.outs:
+            with np.load(o, allow_pickle=False) as z:
+                job.rank_meta.append(read_npz_meta(z))
+        job.meta = job.rank_meta[0]
         rss = job.meta.get("peak_rss_mb")
         progress.line(f"  {name}  done {job.wall:7.1f}s" + (f"  peak RSS {rss:,.0f} MB" if rss else ""))
         return

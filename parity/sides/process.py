@@ -24,7 +24,7 @@ from parity.facts import repo_root
 BACKENDS = ("torch", "jittor")
 # what a worker's failing phase says about the cause (error.json "phase" -> RunError cause)
 PHASE_CAUSE = {"import": "environment", "case": "case", "config": "config mismatch", "weights": "weights",
-               "faults": "usage", "device": "environment", "resume": "checkpoint"}
+               "faults": "usage", "device": "environment", "world": "environment", "resume": "checkpoint"}
 ENV_VARS = {"torch": "RTDETR_PARITY_TORCH_PYTHON", "jittor": "RTDETR_PARITY_JITTOR_PYTHON"}
 
 

@@ -24,6 +24,11 @@ only); the backends know nothing about it.  Spec forms:
 ``optim:lr-scale=V``      every AdamW step of this side uses V x each group's learning rate
                           (the exported lr stays as scheduled): forward, losses and gradients
                           agree, only the ``step`` group (the update) can show it.
+``dist:RULE``              a data-parallel rule broken on this side (``--nproc`` > 1, Jittor):
+                          ``grad-sum`` (gradients summed over ranks, not averaged),
+                          ``num-boxes-local`` (each rank divides by its own box count),
+                          ``bn-local`` (BatchNorm on each rank's own statistics), ``same-shard``
+                          (every rank reads rank 0's images); parity/workers/dist_faults.py.
 ``crash:KIND``            ``raise`` (Python exception in the task), ``abort`` (SIGABRT, no
                           error file), ``exit`` (``os._exit(7)``, no error file).
 
@@ -39,6 +44,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 
 from parity.case.faults import Fault, FaultError, check_faults_against_spec
+from parity.workers.dist_faults import install_dist_fault
 
 
 def apply_weight_faults(weights: "Mapping[str, np.ndarray]", faults: Sequence[Fault]) -> List[str]:
@@ -93,6 +99,8 @@ def install_runtime_faults(backend: str, faults: Sequence[Fault]) -> List[str]:
             done.append(_patch_upsample_detach(backend))
         if f.kind == "optim":
             done.append(_patch_lr_scale(backend, float(f.value)))
+        if f.kind == "dist" and f.target != "same-shard":      # same-shard: the worker's join_world
+            done.append(install_dist_fault(backend, f.target))
         if f.kind != "upsample":
             continue
         if backend == "jittor":

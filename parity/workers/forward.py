@@ -2,7 +2,7 @@
 
     python -m parity.workers.forward --backend torch|jittor --case DIR --out FILE.npz \
         --dtype float32|float64 --task forward|grad [--device cpu|cuda] \
-        [--share-decisions FILE.npz] [--inject-fault SPEC ...]
+        [--share-decisions FILE.npz] [--inject-fault SPEC ...] [--nproc N]
     python -m parity.workers.forward --backend jittor --check        # import + versions (pre-flight)
 
 Protocol (see also parity/commands/forward.py):
@@ -28,6 +28,12 @@ Protocol (see also parity/commands/forward.py):
   imported), 4 (case / config / weights / fault spec problem) or 1 (the backend crashed).
   A worker killed by a signal leaves no error file; the runner then reports the signal.
 
+``--nproc N`` (N > 1, under ``torchrun`` for torch or ``mpirun`` for Jittor, see
+parity/sides/launch.py): every rank joins its engine's world (``Adapter.data_parallel``),
+takes its shard of the case's batch (parity/case/shards.py) and writes ``FILE`` as
+``<stem>.rank<r>.npz`` (status and error files likewise); ``__meta__.shard`` holds the rank,
+the world size, the image range and the digest of what the rank consumed.
+
 ``--share-decisions FILE``: npz with ``topk_index`` [B, Q], ``train_topk_index`` [B, Q] (forward
 stage, train-mode pass) and ``matches/<call>/<i>`` [2, n]
 (written by the runner from the other side's result): fed to the adapter as
@@ -51,6 +57,7 @@ from rtdetr_core.param_spec import param_spec
 from parity.case.contract import read_decisions
 from parity.case.faults import FaultError, parse_faults
 from parity.case.folder import Case, CaseError
+from parity.case.shards import ShardError, rank_out, shard_digest, shard_inputs
 from parity.fileio import write_json, write_npz
 from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, import_backend, peak_rss_mb,
     report_failure)
@@ -130,23 +137,46 @@ class Worker:
         case, cfg, applied = self.open_case(faults)
         adapter, weights = self.build(mod, case, cfg, faults, applied)
         images, targets = case.inputs()
+        dn = case.dn_draws()
+        arrays: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        meta: Dict[str, Any] = {"order": {}}
+        if a.nproc > 1:
+            images, targets, dn = self.join_world(adapter, images, targets, dn, meta)
         images = images.astype(a.dtype)
         topk, matches, train_topk = (None, None, None)
         if a.share_decisions:
             topk, matches, train_topk = read_decisions(a.share_decisions)
-        arrays: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        meta: Dict[str, Any] = {"order": {}}
         self.set_phase(a.task)
         maybe_crash(faults)
         if a.task == "forward":
             self.forward_task(adapter, cfg, images, topk, train_topk, arrays, meta)
         else:
-            self.grad_task(adapter, weights, images, targets, case.dn_draws(), topk, matches, arrays, meta)
+            self.grad_task(adapter, weights, images, targets, dn, topk, matches, arrays, meta)
         meta.update({"faults": applied, "decisions_injected": {"topk": topk is not None,
                                                                "matches": matches is not None,
                                                                "train_topk": train_topk is not None}})
         self.write(case, cfg, arrays, meta)
         return EXIT_OK
+
+    def join_world(self, adapter, images, targets, dn, meta):
+        """This rank's shard of the batch, after joining the launcher's world."""
+        a = self.args
+        self.set_phase("world")
+        world = self.timed("join_world", adapter.data_parallel)
+        if world.size != a.nproc:
+            launcher = "torchrun" if a.backend == "torch" else "mpirun"
+            raise WorkerFailure("world", EXIT_INPUT, f"--nproc {a.nproc} but this process sees a world of "
+                                f"{world.size} (start it under {launcher}: parity/sides/launch.py)")
+        # fault dist:same-shard (tests): every rank reads rank 0's images
+        read_rank = 0 if any(f == "dist:same-shard" for f in a.inject_fault) else world.rank
+        try:
+            images, targets, dn = shard_inputs(images, targets, dn, a.nproc, read_rank)
+        except ShardError as e:
+            raise WorkerFailure("case", EXIT_INPUT, str(e)) from None
+        per = images.shape[0]
+        meta["shard"] = {"rank": world.rank, "world": world.size, "images": [world.rank * per, (world.rank + 1) * per],
+                         "digest": shard_digest(images, targets, dn)}
+        return images, targets, dn
 
     def open_case(self, faults):
         """The case folder and its config (a config fault applied), checked against the case."""
@@ -319,8 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="npz with topk_index and matches/<call>/<i> to inject")
     p.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
                    help="deliberate fault (tests): weight:NAME:OP=V, upsample:bilinear, config:K=V, crash:KIND")
+    p.add_argument("--nproc", type=int, default=1, help="ranks of a data-parallel launch (torchrun / mpirun)")
     p.add_argument("--check", action="store_true", help="import the backend, print versions as JSON, exit")
     return p
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (torchrun: RANK; OpenMPI: OMPI_COMM_WORLD_RANK),
+    known before the framework is imported (the rank's file names need it)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -328,6 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.check and (not args.case or not args.out):
         print("parity.workers.forward: --case and --out are required (unless --check)", file=sys.stderr)
         return 2
+    if args.out and args.nproc > 1:     # each rank writes its own files
+        args.out = rank_out(args.out, launched_rank())
     if args.out:        # a stale result or error file from an earlier run must not be read as ours
         for stale in (args.out, args.out + ".error.json"):
             if os.path.exists(stale):
