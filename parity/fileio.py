@@ -184,3 +184,10 @@ class JsonArrayWriter:
             self.f = None
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
+
+
+def rank_out(out: str, rank: int) -> str:
+    """``work/T64.npz`` -> ``work/T64.rank1.npz``: each rank of a data-parallel worker
+    (``--nproc``) writes its own result, status and error files."""
+    stem = out[:-4] if out.endswith(".npz") else out
+    return f"{stem}.rank{rank}.npz"

@@ -14,7 +14,7 @@ from . import framework as fw
 from .capture import recorder_for
 from .common import named_batchnorms
 from .criterion import SetCriterion
-from .distributed import World, average_gradients, convert_sync_batchnorm, init_world
+from .distributed import World, average_gradients, convert_sync_batchnorm, init_world, mean_over_ranks
 from .ema import ModelEMA
 from .framework import jt
 from .matcher import HungarianMatcher
@@ -223,8 +223,9 @@ class Adapter:
         self.optimizer.step(grads)
         if self.ema is not None:
             self.ema.update(self.model)
-        res = {"losses": OrderedDict((k, float(v.item())) for k, v in losses.items()),
-               "total": float(total.item()), "grad_norm": grad_norm,
+        # data parallel: the global batch's losses (the mean over ranks, as the official loop logs)
+        vals = mean_over_ranks([float(v.item()) for v in losses.values()] + [float(total.item())])
+        res = {"losses": OrderedDict(zip(losses, vals[:-1])), "total": vals[-1], "grad_norm": grad_norm,
                "lr": [float(g["lr"]) for g in self.optimizer.param_groups]}
         jt.sync_all()
         return res

@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .framework import BatchNorm2d, _batchnorm_affine, jt, scalar, update_
+import numpy as np
+
+from .framework import BatchNorm2d, _batchnorm_affine, from_numpy, jt, scalar, update_
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,18 @@ def all_reduce_sum(value: float) -> float:
     """``value`` summed over every rank (itself outside MPI)."""
     if not current_world().active:
         return float(value)
-    v = jt.array([float(value)]).float64()
+    v = from_numpy(np.asarray([float(value)], dtype=np.float64), "float64")   # jt.array would make it float32
     return float(v.mpi_all_reduce("add").item())
+
+
+def mean_over_ranks(values: "list[float]") -> "list[float]":
+    """Python numbers averaged over the ranks in one all-reduce (the logged losses: the
+    official loop logs ``reduce_dict``'s mean, which is the global batch's loss)."""
+    w = current_world()
+    if not w.active:
+        return [float(v) for v in values]
+    v = from_numpy(np.asarray(values, dtype=np.float64), "float64").mpi_all_reduce("add")
+    return [float(x) / w.size for x in v.numpy().tolist()]
 
 
 def average_gradients(grads: Dict[str, Optional[jt.Var]]) -> Dict[str, Optional[jt.Var]]:
@@ -97,7 +109,7 @@ class SyncBatchNorm2d(BatchNorm2d):
             return super().execute(x)
         c = (1, -1, 1, 1)
         xd = x.float64()
-        n_local = jt.array([float(x.numel() // x.shape[1])]).float64()
+        n_local = from_numpy(np.asarray([x.numel() // x.shape[1]], dtype=np.float64), "float64")
         packed = _sum_over_ranks(jt.concat([xd.sum([0, 2, 3]), n_local]))
         k = x.shape[1]
         n = packed[k:]
@@ -123,5 +135,5 @@ def convert_sync_batchnorm(model, device: str = "cpu"):
     return model
 
 
-__all__ = ["World", "init_world", "current_world", "all_reduce_sum", "average_gradients", "SyncBatchNorm2d",
+__all__ = ["World", "init_world", "current_world", "all_reduce_sum", "mean_over_ranks", "average_gradients", "SyncBatchNorm2d",
            "convert_sync_batchnorm"]

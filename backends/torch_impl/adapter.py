@@ -13,7 +13,7 @@ from rtdetr_core.param_spec import param_spec
 
 from .capture import recorder_for
 from .criterion import SetCriterion
-from .distributed import World, convert_sync_batchnorm, init_world
+from .distributed import World, convert_sync_batchnorm, init_world, mean_over_ranks
 from .ema import ModelEMA
 from .framework import from_numpy, get_dtype, no_grad, to_numpy
 from .matcher import HungarianMatcher
@@ -216,8 +216,9 @@ class Adapter:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return {"losses": OrderedDict((k, float(v.detach())) for k, v in losses.items()),
-                "total": float(total.detach()), "grad_norm": grad_norm,
+        # data parallel: the global batch's losses (the mean over ranks, as the official loop logs)
+        vals = mean_over_ranks([float(v.detach()) for v in losses.values()] + [float(total.detach())])
+        return {"losses": OrderedDict(zip(losses, vals[:-1])), "total": vals[-1], "grad_norm": grad_norm,
                 "lr": [float(g["lr"]) for g in self.optimizer.param_groups]}
 
     def param_groups(self) -> "OrderedDict[str, int]":

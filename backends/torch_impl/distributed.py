@@ -61,6 +61,17 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def mean_over_ranks(values: "list[float]") -> "list[float]":
+    """Python numbers averaged over the ranks in one all-reduce (the logged losses: the
+    official loop logs ``reduce_dict``'s mean, which is the global batch's loss)."""
+    w = current_world()
+    if not w.active:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return [float(v) / w.size for v in t.tolist()]
+
+
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """Channel sums [C] (float64) added over every rank, in place on a copy."""
     out = t.clone()
@@ -130,10 +141,13 @@ def convert_sync_batchnorm(model: nn.Module, device: str = "cpu") -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):   # framework.BatchNorm2d too
             new = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats, device=child.weight.device, dtype=child.weight.dtype)
-            new.load_state_dict(child.state_dict())
-            new.weight.requires_grad_(child.weight.requires_grad)
-            new.bias.requires_grad_(child.bias.requires_grad)
+                                  child.track_running_stats, device="meta")
+            # the very same Parameters and buffers (as torch's convert_sync_batchnorm): an
+            # optimiser built before the conversion keeps updating the model's tensors
+            new.weight, new.bias = child.weight, child.bias
+            new.running_mean, new.running_var = child.running_mean, child.running_var
+            new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
             setattr(model, name, new)
         else:
             convert_sync_batchnorm(child, device)

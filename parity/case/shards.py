@@ -11,10 +11,12 @@ dn queries, and a rank whose images hold no box still runs the same graph as the
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from rtdetr_core.denoising import DN_DRAW_KEYS, shard_draws, with_max_gt
+
+from parity.case.train import epoch_file, load_data, read_epoch_streams
 
 Targets = List[Dict[str, np.ndarray]]
 
@@ -62,7 +64,17 @@ def expected_digests(images: np.ndarray, targets: Targets, draws, nproc: int) ->
     return [shard_digest(*shard_inputs(images, targets, draws, nproc, r)) for r in range(nproc)]
 
 
-def rank_out(out: str, rank: int) -> str:
-    """``work/T64.npz`` -> ``work/T64.rank1.npz`` (each rank writes its own result)."""
-    stem = out[:-4] if out.endswith(".npz") else out
-    return f"{stem}.rank{rank}.npz"
+def expected_train_digests(case_dir: str, epochs: Sequence[int], nproc: int) -> Dict[int, List[str]]:
+    """Iteration number (1-based, over the epochs in order) -> every rank's shard digest, from
+    the train case's streams (what ``parity.workers.train`` ranks must report)."""
+    data = load_data(case_dir)
+    images_all, targets_all = data["train_images"], data["train_targets"]
+    out: Dict[int, List[str]] = {}
+    it_no = 0
+    for e in epochs:
+        _, its = read_epoch_streams(epoch_file(case_dir, e))
+        for it in its:
+            it_no += 1
+            idx = it["indices"]
+            out[it_no] = expected_digests(images_all[idx], [targets_all[int(i)] for i in idx], it["dn_draws"], nproc)
+    return out

@@ -53,7 +53,7 @@ from parity.sides.train import kill_side
 
 # the options of this stage beyond the shared ones (parity/cli/args.py): their defaults here,
 # None on the command line (so that an option given on --resume is known to be given)
-RUN_GROUPS = ("faults", "reference")
+RUN_GROUPS = ("faults", "reference", "ranks")
 RUN_DEFAULTS = {"epochs": None, "limit_images": None, "limit_val": None, "resume": None, "lr": None,
                 "stop_after_epoch": None, "sequential": False, **steps.DEFAULTS}
 
@@ -143,14 +143,16 @@ def describe(run: "steps.TrainRun") -> Dict[str, Any]:
     cfg = run.cfg
     return dict(config=cfg.name, config_digest=cfg.digest(), dtype=run.dtype, device=run.device, seed=run.seed,
                 out=run.out, labels={s.role: s.label for s in run.sides}, plan=run.plan, threads=run.threads,
-                sequential=run.sequential, faults=run.faults, fault_side=run.fault_side if run.faults else None)
+                sequential=run.sequential, faults=run.faults, fault_side=run.fault_side if run.faults else None,
+                nproc=run.nproc)
 
 
 def announce(run: "steps.TrainRun") -> None:
     cfg, plan = run.cfg, run.plan
     print(f"parity run --stage train: config {cfg.name} ({cfg.digest()}), {run.dtype}"
           f"{' + float64 reference' if run.reference else ''}, {plan['epochs']} epochs, batch {cfg.train.batch_size}, "
-          f"seed {run.seed}, sides {', '.join(s.label for s in run.sides)}{' (resume)' if run.resumed else ''} "
+          f"seed {run.seed}, sides {', '.join(s.label for s in run.sides)}{' (resume)' if run.resumed else ''}"
+          f"{f', {run.nproc} ranks per side' if run.nproc > 1 else ''} "
           f"-> {run.out}", flush=True)
 
 
@@ -164,6 +166,7 @@ def judge_run(run: "steps.TrainRun", thresholds, max_tie_rows: int, base_info: D
     statuses = {s.label: logs[s.label].get("status") for s in sides}
     nonfinite = {lab: logs[lab]["nonfinite"] for lab in logs if logs[lab].get("nonfinite")}
     inputs_ok, checks = side_checks(sides, logs, manifest["streams"]["batch_digests"])
+    checks += steps.shard_checks(run, logs)
     cb = cmp_.get("cand_base")
     if cb is not None:
         checks += curves.judge(cb, thresholds.for_dtype(run.dtype), cmp_.get("base_ref"))

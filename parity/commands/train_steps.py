@@ -13,11 +13,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from rtdetr_core.config import ConfigError, config_from_dict, load_config
 
+from parity.case.shards import expected_train_digests
 from parity.case.train import build_train_case, write_streams
 from parity.commands.options import given, opt
 from parity.errors import RunError
 from parity.facts import git_describe, host_info, runner_versions
 from parity.fileio import default_out, read_json, write_json
+from parity.judge.ranks import train_rank_checks
 from parity.sides.process import resolve_python
 from parity.sides.train import Side, check_side, kill_side, start_side, wait_sides
 
@@ -40,6 +42,7 @@ class TrainRun:
     sequential: bool
     dtype: str = "float32"
     reference: bool = True
+    nproc: int = 1                        # data-parallel ranks per side (torchrun / mpirun)
     cfg: Any = None
     plan: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -61,6 +64,9 @@ def read_options(args: argparse.Namespace) -> TrainRun:
                    faults=list(opt(args, "inject_fault", []) or []), fault_side=opt(args, "fault_side", "jittor"),
                    sequential=bool(opt(args, "sequential", False)), dtype=dtype,
                    reference=dtype == "float32" and not opt(args, "no_reference", False) and "torch" in backends)
+    run.nproc = int(opt(args, "nproc", 1) or 1)
+    if run.nproc < 1:
+        raise RunError(f"--nproc must be >= 1, got {run.nproc}")
     for n, k in (("--threads", "threads"), ("--eval-every", "eval_every"), ("--checkpoint-every", "checkpoint_every"),
                  ("--keep-checkpoints", "keep_checkpoints")):
         v = opt(args, k, DEFAULTS[k])
@@ -119,7 +125,7 @@ def plan_fresh(run: TrainRun, args: argparse.Namespace) -> None:
                 "image_size": list(cfg.train.image_size), "multi_scale": cfg.train.multi_scale,
                 "ema": cfg.ema.enabled, "clip_max_norm": cfg.optimizer.clip_max_norm,
                 "dtype": run.dtype, "reference": run.reference, "backends": run.backends, "seed": seed,
-                "config": str(opt(args, "config", "smoke"))}
+                "config": str(opt(args, "config", "smoke")), "nproc": run.nproc}
     run.out = os.path.abspath(opt(args, "out", None) or default_out("train", cfg.name))
     run.case_dir = os.path.join(run.out, "case")
 
@@ -155,6 +161,7 @@ def plan_resumed(run: TrainRun, args: argparse.Namespace) -> None:
         elif k not in plan:
             plan[k] = DEFAULTS[k]
     run.backends = plan.get("backends", run.backends) if run.which == "both" else run.backends
+    run.nproc = int(plan.get("nproc", 1))
 
 
 def refuse_contradictions(run: TrainRun, args: argparse.Namespace) -> None:
@@ -169,6 +176,8 @@ def refuse_contradictions(run: TrainRun, args: argparse.Namespace) -> None:
     for flag, (v, have) in fixed.items():
         if v is not None and v != have:
             raise RunError(f"--resume: {flag} {v} differs from the run's ({have}); the curve would change")
+    if given(args, "nproc") and int(args.nproc) != int(plan.get("nproc", 1)):
+        raise RunError(f"--resume: --nproc {args.nproc} differs from the run's ({plan.get('nproc', 1)})")
     if given(args, "seed") and int(args.seed) != run.seed:
         raise RunError(f"--resume: --seed {args.seed} differs from the run's seed {run.seed}")
     run_dtype = run.old.get("dtype", plan.get("dtype", "float32"))
@@ -193,6 +202,8 @@ def command_of(args: argparse.Namespace, plan: Dict[str, Any], out: str, resumed
         if plan.get(key):
             cmd += [flag, str(plan[key])]
     cmd += ["--threads", str(opt(args, "threads", DEFAULTS["threads"]))]
+    if int(plan.get("nproc", 1)) > 1:
+        cmd += ["--nproc", str(plan["nproc"])]
     if plan.get("backends") and len(plan["backends"]) == 1:
         cmd += ["--backend", plan["backends"][0]]
     if plan.get("dtype", "float32") == "float32" and not plan.get("reference", True):
@@ -251,9 +262,23 @@ def write_case(run: TrainRun, args: argparse.Namespace, progress) -> None:
                                         limit_images=run.plan["limit_images"], limit_val=run.plan["limit_val"])
         run.plan = run.manifest["plan"]
     plan = run.plan
+    check_split(plan, run.nproc)
     progress.line(f"  case: {plan['n_train']} train images ({plan['iterations_per_epoch']} iterations/epoch), "
                   f"{plan['n_val']} val images, streams for {plan['epochs']} epochs "
                   f"({time.perf_counter() - t_case:.1f}s)")
+
+
+def check_split(plan: Dict[str, Any], nproc: int) -> None:
+    """Every batch of an epoch splits over the ranks (the last one may be short)."""
+    if nproc <= 1:
+        return
+    n, bs = int(plan["n_train"]), int(plan["batch_size"])
+    sizes = {bs} | ({n % bs} if n % bs else set())
+    bad = sorted(b for b in sizes if b % nproc)
+    if bad:
+        raise RunError(f"--nproc {nproc}: a batch of {bad[0]} image(s) does not split over {nproc} processes "
+                       f"({n} train images, batch {bs}: use a batch size and an image count whose batches are "
+                       f"multiples of {nproc})", cause="usage")
 
 
 def run_sides(run: TrainRun, progress) -> None:
@@ -262,7 +287,8 @@ def run_sides(run: TrainRun, progress) -> None:
                  for s in run.sides}
 
     def start(s):
-        start_side(s, run.out, run.device, run.threads, run.resumed, run.stop_after, fault_for[s.label], run.verbose)
+        start_side(s, run.out, run.device, run.threads, run.resumed, run.stop_after, fault_for[s.label], run.verbose,
+                   run.nproc)
     try:
         groups = [[s] for s in run.sides] if run.sequential else [run.sides]
         for group in groups:
@@ -280,6 +306,15 @@ def run_sides(run: TrainRun, progress) -> None:
 # ----------------------------------------------------------------------------------------
 # the result
 # ----------------------------------------------------------------------------------------
+
+def shard_checks(run: TrainRun, logs: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """--nproc > 1: each side's ranks consumed exactly their shards (parity/judge/ranks.py)."""
+    if run.nproc <= 1:
+        return []
+    expected = expected_train_digests(run.case_dir, range(1, int(run.plan["epochs"]) + 1), run.nproc)
+    return [train_rank_checks(s.dir, s.label, expected, [r["iteration"] for r in logs[s.label].get("iterations", [])])
+            for s in run.sides]
+
 
 def start_end(log: Dict[str, Any]) -> Dict[str, Any]:
     """Where a side's loss started and ended: the first iteration's total, the first and the

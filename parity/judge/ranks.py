@@ -26,11 +26,12 @@ ranks on one shard fail ``shards``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from parity.fileio import read_npz_meta
+from parity.fileio import read_json, read_npz_meta
 
 ENGINE_CHECKS = ("shards", "ranks_agree", "losses", "grads", "step")
 
@@ -148,3 +149,33 @@ def summary_lines(checks: Sequence[Mapping[str, Any]]) -> List[str]:
         lines.append(f"    {'ok  ' if c['passed'] else 'FAIL'} {c['check']:<12} {val}"
                      + (f" (max {th:.3g})" if isinstance(th, float) and th > 0 else ""))
     return lines
+
+
+def train_rank_checks(side_dir: str, label: str, expected: Mapping[int, Sequence[str]], iterations: Sequence[int]
+                      ) -> Dict[str, Any]:
+    """A train side run on N ranks: every rank reported exactly its shard at every iteration the
+    side logged (``ranks/rank<r>.json``, parity/workers/train_ranks.py)."""
+    nproc = len(next(iter(expected.values()))) if expected else 0
+    c: Dict[str, Any] = {"check": f"shards_{label}", "text": f"every rank of {label} consumed exactly its shard",
+                         "rule": "exact", "nproc": nproc}
+    bad = None
+    for r in range(nproc):
+        path = os.path.join(side_dir, "ranks", f"rank{r}.json")
+        try:
+            got = {int(i): d for i, d in read_json(path).get("digests", [])}
+        except (OSError, ValueError):
+            bad = f"rank {r} of {label} wrote no shard record ({path})"
+            break
+        for it in iterations:
+            want = expected.get(int(it))
+            if want is None or got.get(int(it)) != want[r]:
+                other = [o for o, w in enumerate(want or []) if w == got.get(int(it)) and o != r]
+                bad = (f"rank {r} of {label} consumed " + (f"rank {other[0]}'s shard" if other else "other images")
+                       + f" at iteration {it}")
+                break
+        if bad:
+            break
+    c.update(value=bad is None, passed=bad is None)
+    if bad:
+        c["reason"] = bad
+    return c

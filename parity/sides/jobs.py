@@ -16,8 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from parity.errors import RunError
-from parity.case.shards import rank_out
-from parity.fileio import read_npz_meta
+from parity.fileio import rank_out, read_npz_meta
 from parity.sides.launch import rank_command
 from parity.sides.process import PHASE_CAUSE, Progress, spawn, start, stop_group, tail
 

@@ -3,15 +3,17 @@
 failures turned into one-line errors."""
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
 import threading
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from parity.errors import RunError
 from parity.fileio import read_json
+from parity.sides.launch import rank_command
 from parity.sides.process import PHASE_CAUSE, spawn, stop_group, tail
 
 
@@ -38,22 +40,31 @@ class Side:
 
 
 def start_side(side: Side, out: str, device: str, threads: int, resume: bool, stop_after: Optional[int],
-           faults: Sequence[str], verbose: bool) -> None:
+               faults: Sequence[str], verbose: bool, nproc: int = 1) -> None:
+    """One side's worker; ``nproc`` > 1: as that many ranks under torchrun / mpirun."""
     os.makedirs(side.dir, exist_ok=True)
-    for stale in ("status.json", "error.json"):       # an earlier run's progress is not ours
-        if os.path.exists(os.path.join(side.dir, stale)):
+    for stale in ["status.json", "error.json"] + [os.path.basename(p) for p in rank_errors(side.dir)]:
+        if os.path.exists(os.path.join(side.dir, stale)):      # an earlier run's progress is not ours
             os.unlink(os.path.join(side.dir, stale))
-    cmd = [side.python, "-m", "parity.workers.train", "--backend", side.backend, "--run", out, "--side", side.label,
+    cmd = ["-m", "parity.workers.train", "--backend", side.backend, "--run", out, "--side", side.label,
            "--dtype", side.dtype, "--device", device, "--threads", str(threads)]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
     if resume:
         cmd.append("--resume")
     if stop_after is not None:
         cmd += ["--stop-after-epoch", str(stop_after)]
     for f in faults:
         cmd += ["--inject-fault", f]
+    cmd = rank_command(side.backend, side.python, nproc, cmd)
     side.t0 = time.perf_counter()
     side.proc, side.pump = spawn(cmd, side.log_path, side.backend, verbose, env={"OMP_NUM_THREADS": str(threads)},
                                  append=True)
+
+
+def rank_errors(side_dir: str) -> List[str]:
+    """Error files of ranks other than 0 (``error.rank<r>.json``), rank order."""
+    return sorted(glob.glob(os.path.join(side_dir, "error.rank*.json")))
 
 
 def kill_side(side: Side, sig=signal.SIGTERM) -> None:
@@ -99,6 +110,8 @@ def check_side(side: Side) -> None:
     if side.rc == 0:
         return
     err = os.path.join(side.dir, "error.json")
+    if not os.path.isfile(err) and rank_errors(side.dir):
+        err = rank_errors(side.dir)[0]          # a rank other than 0 failed (data-parallel side)
     if os.path.isfile(err):
         try:
             e = read_json(err)

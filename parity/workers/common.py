@@ -217,3 +217,12 @@ def serving_main(parser, serve, argv) -> int:
     args = parser.parse_args(argv)
     open_channel()
     return serve(args)
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (torchrun: RANK; OpenMPI: OMPI_COMM_WORLD_RANK),
+    known before the framework is imported (the rank's file names need it)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0

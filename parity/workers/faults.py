@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from parity.case.faults import Fault, FaultError, check_faults_against_spec
+from parity.case.faults import Fault, FaultError, check_faults_against_spec, parse_faults
+from parity.workers.common import EXIT_INPUT, WorkerFailure
 from parity.workers.dist_faults import install_dist_fault
 
 
@@ -206,3 +207,28 @@ def maybe_crash(faults: Sequence[Fault]) -> None:
             os.abort()
         if f.target == "exit":
             os._exit(7)
+
+
+NONFINITE_PREFIX = "nonfinite:"
+
+
+def train_faults(specs: Sequence[str]) -> "tuple":
+    """The train worker's ``(faults, nonfinite_at)``: the fault specs, and the iteration a
+    ``nonfinite:N`` spec poisons (a test of the non-finite stop)."""
+    nonfinite_at = None
+    rest = []
+    for s in specs or []:
+        if s.startswith(NONFINITE_PREFIX):
+            try:
+                nonfinite_at = int(s[len(NONFINITE_PREFIX):])
+            except ValueError:
+                raise WorkerFailure("faults", EXIT_INPUT, f"fault '{s}': expected nonfinite:ITERATION") from None
+        else:
+            rest.append(s)
+    try:
+        faults = parse_faults(rest)
+    except FaultError as e:
+        raise WorkerFailure("faults", EXIT_INPUT, str(e)) from None
+    if any(f.kind == "config" for f in faults):
+        raise WorkerFailure("faults", EXIT_INPUT, "config faults are not supported by the train stage")
+    return faults, nonfinite_at

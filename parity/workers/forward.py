@@ -57,10 +57,10 @@ from rtdetr_core.param_spec import param_spec
 from parity.case.contract import read_decisions
 from parity.case.faults import FaultError, parse_faults
 from parity.case.folder import Case, CaseError
-from parity.case.shards import ShardError, rank_out, shard_digest, shard_inputs
-from parity.fileio import write_json, write_npz
-from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, import_backend, peak_rss_mb,
-    report_failure)
+from parity.case.shards import ShardError, shard_digest, shard_inputs
+from parity.fileio import rank_out, write_json, write_npz
+from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, import_backend, launched_rank,
+    peak_rss_mb, report_failure)
 from parity.workers.faults import apply_config_faults, apply_weight_faults, install_runtime_faults, maybe_crash
 
 
@@ -352,15 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="ranks of a data-parallel launch (torchrun / mpirun)")
     p.add_argument("--check", action="store_true", help="import the backend, print versions as JSON, exit")
     return p
-
-
-def launched_rank() -> int:
-    """This process's rank as its launcher set it (torchrun: RANK; OpenMPI: OMPI_COMM_WORLD_RANK),
-    known before the framework is imported (the rank's file names need it)."""
-    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,7 +2,7 @@
 
     python -m parity.workers.train --backend torch|jittor --run RUN_DIR --side LABEL \
         [--dtype float32|float64] [--device cpu|cuda] [--threads N] [--resume] \
-        [--stop-after-epoch N] [--inject-fault SPEC ...]
+        [--stop-after-epoch N] [--inject-fault SPEC ...] [--nproc N]
 
 Input: the run's case folder ``RUN_DIR/case`` written once by the runner
 (``parity/commands/train.py``): ``config.json``, ``weights.safetensors`` (initial weights),
@@ -34,6 +34,9 @@ A non-finite loss term (or total, or gradient norm) stops this side at once: ``l
 gets ``status: nonfinite`` and ``nonfinite: {"epoch", "iteration", "term", "value"}``; exit 0
 (it is a result, the report says so).
 
+``--nproc N`` (under torchrun / mpirun): each rank trains on its shard of every global batch;
+rank 0 writes the files above, the losses logged are the mean over ranks (parity/workers/train_ranks.py).
+
 ``--resume``: continue from the newest complete checkpoint (weights, optimizer + EMA state,
 log; stream states checked against the case) — the curve then equals an uninterrupted run
 bit for bit.  ``--stop-after-epoch N``: stop after epoch N as if interrupted there, after
@@ -45,7 +48,6 @@ import argparse
 import glob
 import math
 import os
-import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -54,23 +56,21 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from rtdetr_core.lr_schedule import multistep_factor
 
-from parity.case.faults import FaultError, parse_faults
 from parity.case.train import batch_digest, epoch_file, load_data, read_epoch_streams
 from parity.fileio import jsonable, read_json, write_json
 from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, import_backend,
     peak_rss_mb, report_failure, threads_info)
-from parity.workers.faults import apply_weight_faults, install_runtime_faults, maybe_crash
+from parity.workers.faults import apply_weight_faults, install_runtime_faults, maybe_crash, train_faults
 from parity.workers.train_files import LOG_SCHEMA, SideFiles, epoch_summary, finite_check, nonfinite_weights
+from parity.workers.train_ranks import Ranks, error_path
 
-
-NONFINITE_PREFIX = "nonfinite:"
 
 
 # ----------------------------------------------------------------------------------------
 # the worker
 # ----------------------------------------------------------------------------------------
 
-class TrainWorker(SideFiles):
+class TrainWorker(SideFiles, Ranks):
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.t0 = time.perf_counter()
@@ -80,10 +80,13 @@ class TrainWorker(SideFiles):
         self.epoch = 0
         self.iteration = 0
         self.prev_wall = 0.0
+        self.init_ranks(args.nproc)
 
     # --- bookkeeping ---------------------------------------------------------------------
     def status(self, phase: str, **extra: Any) -> None:
         self.phase = phase
+        if not self.writer:
+            return
         try:
             write_json(os.path.join(self.dir, "status.json"),
                        {"phase": phase, "epoch": self.epoch, "iteration": self.iteration,
@@ -92,6 +95,9 @@ class TrainWorker(SideFiles):
             pass
 
     def write_log(self) -> None:
+        self.write_rank_file()
+        if not self.writer:
+            return
         self.log["peak_rss_mb"] = peak_rss_mb()
         self.log["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_json(os.path.join(self.dir, "log.json"), self.log)
@@ -104,9 +110,11 @@ class TrainWorker(SideFiles):
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
         os.makedirs(self.dir, exist_ok=True)
-        if os.path.exists(os.path.join(self.dir, "error.json")):
-            os.unlink(os.path.join(self.dir, "error.json"))
+        if os.path.exists(error_path(self.dir, self.rank)):
+            os.unlink(error_path(self.dir, self.rank))
         faults, nonfinite_at = self.setup()
+        if self.args.nproc > 1:
+            self.join_world(faults)
         start = self.restore(int(self.plan["epochs"]))
         if start is None:
             return EXIT_OK
@@ -115,32 +123,11 @@ class TrainWorker(SideFiles):
         self.finish(stopped)
         return EXIT_OK
 
-    def read_faults(self):
-        """``(faults, nonfinite_at)``: the fault specs, and the iteration a ``nonfinite:N`` spec
-        poisons (a test of the non-finite stop)."""
-        nonfinite_at = None
-        specs = []
-        for s in self.args.inject_fault or []:
-            if s.startswith(NONFINITE_PREFIX):
-                try:
-                    nonfinite_at = int(s[len(NONFINITE_PREFIX):])
-                except ValueError:
-                    raise WorkerFailure("faults", EXIT_INPUT, f"fault '{s}': expected nonfinite:ITERATION") from None
-            else:
-                specs.append(s)
-        try:
-            faults = parse_faults(specs)
-        except FaultError as e:
-            raise WorkerFailure("faults", EXIT_INPUT, str(e)) from None
-        if any(f.kind == "config" for f in faults):
-            raise WorkerFailure("faults", EXIT_INPUT, "config faults are not supported by the train stage")
-        return faults, nonfinite_at
-
     def setup(self):
         """Faults, the backend, the case, the model with the case's weights, the log."""
         a = self.args
         self.status("import")
-        faults, nonfinite_at = self.read_faults()
+        faults, nonfinite_at = train_faults(self.args.inject_fault)
         self.mod = self.import_backend()
         applied = install_runtime_faults(a.backend, faults)
         if a.threads and a.backend == "torch":
@@ -204,21 +191,21 @@ class TrainWorker(SideFiles):
             else:
                 print(f"[{a.side}] --resume: no checkpoint yet, starting from epoch 1", file=sys.stderr)
                 for d in glob.glob(os.path.join(self.dir, "eval", "*.npz")):
-                    os.unlink(d)
+                    self.remove(d)
         else:
             for d in (self.ckpt_root(), os.path.join(self.dir, "eval")):
                 if os.path.isdir(d):
-                    shutil.rmtree(d)
+                    self.remove(d)
             for f in ("final.safetensors", "log.json"):
                 if os.path.exists(os.path.join(self.dir, f)):
-                    os.unlink(os.path.join(self.dir, f))
+                    self.remove(os.path.join(self.dir, f))
         # a resumed run's later artefacts are recomputed: drop evals past the restart point
         self.log["evals"] = [ev for ev in self.log["evals"] if ev["epoch"] < start]
         for f in glob.glob(os.path.join(self.dir, "eval", "epoch_*.npz")):
             if int(os.path.basename(f)[6:10]) >= start:
-                os.unlink(f)
+                self.remove(f)
         if os.path.exists(os.path.join(self.dir, "final.safetensors")):
-            os.unlink(os.path.join(self.dir, "final.safetensors"))
+            self.remove(os.path.join(self.dir, "final.safetensors"))
         return start
 
     def resume_from(self, ck: str, prev: Optional[Dict[str, Any]], E: int) -> int:
@@ -227,6 +214,7 @@ class TrainWorker(SideFiles):
         self.iteration = int(state["iteration"])
         for k in ("iterations", "epochs", "evals"):
             self.log[k] = state["log"][k]
+        self.restore_rank_digests(self.iteration)
         if prev:
             self.log["resumed"] = list(prev.get("resumed", []))
             self.prev_wall = float((prev.get("timing") or {}).get("wall_s_total",
@@ -275,6 +263,9 @@ class TrainWorker(SideFiles):
         images = images_all[idx].astype(a.dtype, copy=False)
         targets = [targets_all[int(i)] for i in idx]
         dn, ms = it["dn_draws"], it["multi_scale_size"]
+        batch = batch_digest(images_all[idx], targets, dn, ms)        # the global batch (the log's)
+        if a.nproc > 1:
+            images, targets, dn = self.shard(images, targets, dn)
         if nonfinite_at is not None and self.iteration == nonfinite_at:
             w = self.adapter.export_weights()
             name = next(n for n in w if n.startswith("decoder.dec_score_head") and n.endswith("bias"))
@@ -301,8 +292,8 @@ class TrainWorker(SideFiles):
                "losses": OrderedDict((k, jsonable(float(v))) for k, v in res["losses"].items()),
                "total": jsonable(float(res["total"])), "grad_norm": jsonable(float(res["grad_norm"])),
                "lr": [float(x) for x in res["lr"]], "multi_scale_size": ms,
-               "num_boxes": [int(len(tg["labels"])) for tg in targets],
-               "batch": batch_digest(images_all[idx], targets, dn, ms), "seconds": sec}
+               "num_boxes": [int(len(targets_all[int(i)]["labels"])) for i in idx],
+               "batch": batch, "seconds": sec}
         self.log["iterations"].append(rec)
         bad = finite_check(res)
         if bad is not None:
@@ -330,10 +321,10 @@ class TrainWorker(SideFiles):
         """Evaluation and checkpoint as planned, the log; True when --stop-after-epoch stops here."""
         E, plan, stop_after = int(self.plan["epochs"]), self.plan, self.args.stop_after_epoch
         eval_every, ckpt_every = int(plan["eval_every"]), int(plan["checkpoint_every"])
-        if epoch == E or (eval_every > 0 and epoch % eval_every == 0):
+        if self.writer and (epoch == E or (eval_every > 0 and epoch % eval_every == 0)):
             self.evaluate(epoch)
         stop_here = stop_after is not None and epoch == stop_after and epoch < E
-        if (ckpt_every > 0 and (epoch % ckpt_every == 0 or epoch == E)) or stop_here:
+        if self.writer and ((ckpt_every > 0 and (epoch % ckpt_every == 0 or epoch == E)) or stop_here):
             self.status("checkpoint")
             self.write_checkpoint(epoch, meta["state_after"])
         self.write_log()
@@ -347,7 +338,8 @@ class TrainWorker(SideFiles):
                 self.log["status"] = "stopped"
             else:
                 self.status("final")
-                self.save_safetensors(os.path.join(self.dir, "final.safetensors"), self.adapter.export_weights())
+                if self.writer:
+                    self.save_safetensors(os.path.join(self.dir, "final.safetensors"), self.adapter.export_weights())
                 self.log["status"] = "completed"
         wall = time.perf_counter() - self.t0
         self.log["timing"]["wall_s"] = wall                     # this invocation
@@ -367,8 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--stop-after-epoch", type=int, default=None, help="stop (with a checkpoint) after this epoch")
     p.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
-                   help="tests: weight:NAME:OP=V, upsample:bilinear, bn-momentum:V, crash:KIND, nonfinite:ITERATION")
+                   help="tests: weight:NAME:OP=V, upsample:bilinear, bn-momentum:V, dist:RULE, crash:KIND, "
+                        "nonfinite:ITERATION")
+    p.add_argument("--nproc", type=int, default=1, help="ranks of a data-parallel launch (torchrun / mpirun)")
     return p
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -379,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return w.run()
     except BaseException as e:  # noqa: BLE001 - every failure must leave an error file
         return report_failure(e, w.phase, f"parity.workers.train [{args.side} {args.backend} {args.dtype}]",
-                              os.path.join(w.dir, "error.json"),
+                              error_path(w.dir, w.rank),
                               {"backend": args.backend, "side": args.side, "dtype": args.dtype},
                               {"epoch": w.epoch, "iteration": w.iteration}, w.t0)
 

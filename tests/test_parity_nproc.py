@@ -1,0 +1,151 @@
+"""Data-parallel runs (``--nproc N``): shards, the launch commands, and the 2-process smoke
+grad stage on the real engines (torchrun + DDP, mpirun + Jittor MPI), with the four broken
+rules each named.
+
+Cross-environment: runs from the PyTorch environment and starts the Jittor one under
+OpenMPI's mpirun (envs/setup.sh installs it; missing, these tests FAIL, never skip).  The
+smoke batch's second image holds no box, so rank 1 of a 2-process run is the empty-shard
+case.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import REPO, env_python
+
+pytestmark = pytest.mark.torch
+
+GRAD2 = ["run", "--stage", "grad", "--nproc", "2", "--config", "smoke", "--dtype", "float64"]
+
+
+def parity(*argv, timeout=1800, env_extra=None):
+    env = dict(os.environ)
+    env["RTDETR_PARITY_TORCH_PYTHON"] = env_python("torch")
+    env["RTDETR_PARITY_JITTOR_PYTHON"] = env_python("jittor")
+    env.update(env_extra or {})
+    return subprocess.run([env_python("torch"), "-m", "parity", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _result(out):
+    with open(os.path.join(out, "result.json")) as fh:
+        return json.load(fh)
+
+
+def _checks(res, side):
+    return {c["check"]: c for c in res["engine"][side]["checks"]}
+
+
+# ----------------------------------------------------------------------------------------
+# shards and launch commands (no process started)
+# ----------------------------------------------------------------------------------------
+
+def test_shards_split_the_global_batch_and_keep_the_global_dn_layout():
+    from rtdetr_core.denoising import DN_MAX_GT_KEY, dn_layout, draw_denoising
+
+    from parity.case.shards import ShardError, expected_digests, shard_bounds, shard_inputs
+    assert [shard_bounds(6, 3, r) for r in range(3)] == [(0, 2), (2, 4), (4, 6)]
+    with pytest.raises(ShardError, match="does not split over 4"):
+        shard_bounds(6, 4, 0)
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 3, 8, 8), dtype=np.float32)
+    counts = [3, 0, 1, 0]
+    targets = [{"labels": np.arange(n, dtype=np.int64), "boxes": np.full((n, 4), 0.5)} for n in counts]
+    draws = draw_denoising(np.random.default_rng(1), counts, 100, 80)
+    parts = [shard_inputs(images, targets, draws, 2, r) for r in range(2)]
+    # rank 1 (counts 1, 0) keeps G = 3 of the global batch: the same number of dn queries
+    # per image as one process, its rows of every draw
+    for r, (im, tg, dr) in enumerate(parts):
+        assert np.array_equal(im, images[2 * r:2 * r + 2]) and int(dr[DN_MAX_GT_KEY]) == 3
+        assert np.array_equal(dr["box_rand_part"], draws["box_rand_part"][2 * r:2 * r + 2])
+        lay = dn_layout([len(t["labels"]) for t in tg], 100, int(dr[DN_MAX_GT_KEY]))
+        assert lay == dn_layout(counts, 100)
+    # a shard with no box at all still gets the global layout (same graph on every rank)
+    assert dn_layout([0, 0], 100, 3) == dn_layout(counts, 100)
+    d = expected_digests(images, targets, draws, 2)
+    assert len(set(d)) == 2
+
+
+def test_rank_commands_use_the_engines():
+    from parity.sides.launch import MPIRUN_ENV, rank_command
+    argv = ["-m", "parity.workers.forward", "--nproc", "2", "--out", "x.npz"]
+    assert rank_command("torch", "/py", 1, argv) == ["/py"] + argv
+    t = rank_command("torch", "/py", 2, argv)
+    # "-m --": torchrun must not read the worker's --nproc as its --nproc-per-node
+    assert t[:8] == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "--"]
+    assert t[8:] == argv[1:]
+    os.environ[MPIRUN_ENV] = shutil.which("true") or "/bin/true"
+    try:
+        j = rank_command("jittor", "/jpy", 2, argv)
+    finally:
+        del os.environ[MPIRUN_ENV]
+    assert j[1:5] == ["-np", "2", "--oversubscribe", "--bind-to"] and j[-len(argv) - 1:] == ["/jpy"] + argv
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch-size", "3"], "does not split over --nproc 2"),
+    (["--dtype", "float32"], "runs in float64"),
+    (["--share-decisions"], "not taken with --nproc"),
+])
+def test_nproc_usage_errors_exit_2_with_one_line(tmp_path, argv, needle):
+    args = [a for a in GRAD2 if a not in ("--dtype", "float64")] + argv
+    if "--dtype" not in argv:
+        args += ["--dtype", "float64"]
+    r = parity(*args, "--out", str(tmp_path / "u"), timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_mpirun_is_a_one_line_environment_error(tmp_path):
+    r = parity(*GRAD2, "--out", str(tmp_path / "m"), env_extra={"RTDETR_PARITY_MPIRUN": "/nonexistent/mpirun"},
+               timeout=300)
+    assert r.returncode == 2 and "mpirun" in r.stderr and "envs/setup.sh" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# the 2-process smoke grad stage, and the broken rules
+# ----------------------------------------------------------------------------------------
+
+def test_grad_stage_on_two_processes_passes_and_equals_one_process(tmp_path):
+    out = str(tmp_path / "g2")
+    r = parity(*GRAD2, "--out", out)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    res = _result(out)
+    assert res["passed"] and res["nproc"] == 2
+    for side in ("T64", "J64"):
+        c = _checks(res, side)
+        assert all(x["passed"] for x in c.values()), c
+        assert c["ranks_agree"]["value"] == 0.0
+        # the engine check measures something: N ranks are not bit-identical to one process
+        assert 0 < c["grads"]["value"] < 1e-11 and c["losses"]["value"] < 1e-12
+        ranks = c["shards"]["ranks"]
+        assert [x["images"] for x in ranks] == [[0, 1], [1, 2]] and ranks[0]["digest"] != ranks[1]["digest"]
+    assert [x["rank"] for x in res["ranks"]] == [0, 1] and all(x["passed"] for x in res["ranks"])
+    # rank 1's image holds no box (the empty shard): it ran the dn queries of the global layout
+    with np.load(os.path.join(out, "case", "inputs.npz")) as z:
+        assert len(z["target.1.labels"]) == 0 and len(z["target.0.labels"]) > 0
+    assert "rank" in open(os.path.join(out, "summary.md")).read()
+
+
+@pytest.mark.parametrize("rule, failing", [
+    ("grad-sum", "grads"),
+    ("num-boxes-local", "losses"),
+    ("bn-local", "losses"),
+    ("same-shard", "shards"),
+])
+def test_a_broken_distributed_rule_on_the_jittor_side_fails_and_is_named(tmp_path, rule, failing):
+    out = str(tmp_path / rule)
+    r = parity(*GRAD2, "--inject-fault", f"dist:{rule}", "--out", out)
+    assert r.returncode == 1, r.stdout[-4000:] + r.stderr[-4000:]
+    res = _result(out)
+    c = _checks(res, "J64")
+    assert not c[failing]["passed"], c[failing]
+    assert f"J64 engine: {failing}" in res["failing"]
+    assert all(x["passed"] for x in _checks(res, "T64").values())      # the clean side stays clean
