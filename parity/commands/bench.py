@@ -13,11 +13,18 @@ Warm-up calls are excluded from the statistics and reported separately (Jittor c
 its kernels in the first call).
 
 Output folder: ``bench.json`` (schema below), ``bench.md`` (tables), ``bench.png`` (bar
-chart), ``profile_<config>_<mode>.json`` with ``--profile``, ``logs/``.
+chart), ``profile_<config>_<mode>_<backend>.json`` with ``--profile``, ``logs/``.
 
-bench.json schema (``schema: 1``; consumed by ``parity report``)::
+``--profile``: after the timed calls, one more call per backend and mode, not timed, under
+that backend's own profiler: torch.profiler (self CPU time per op, so nested ops are not
+counted twice) and Jittor's ``jt.profile_scope()`` (time per jit kernel).  Both map their
+ops to the same op families (parity/workers/op_families.py, rules and limits there), so
+``bench.md`` shows per config and mode where each side spends a step, family by family.
 
-    {"schema": 1, "kind": "parity-bench", "created": ISO time, "command": [...argv],
+bench.json schema (``schema: 2``; consumed by ``parity report``; 2: ``profile`` per backend,
+was Jittor only)::
+
+    {"schema": 2, "kind": "parity-bench", "created": ISO time, "command": [...argv],
      "host": {"platform", "machine", "cpu_model", "cpu_count", "affinity", "memory_gb",
               "loadavg", "loadavg_end"},     # load average: other work on the machine
      "settings": {"device", "dtype", "batch", "repeat", "warmup", "threads", "modes"},
@@ -33,11 +40,13 @@ bench.json schema (``schema: 1``; consumed by ``parity report``)::
                  "jittor": {…same…},
                  "ratio": jittor median / torch median}   # > 1: Jittor slower / bigger
         },
-        "profile": {MODE: {"by_op": [{"op", "kernels", "count", "total_ms", "percent"}, …],
-                           "top_kernels": [{"op", "key", "count", "total_ms", "avg_ms",
-                                            "percent", "shapes"}, …], "file": …}}
-                                                 # only with --profile: one Jittor call
-                                                 # under jt.profile_scope(), slowest first
+        "profile": {MODE: {BACKEND: {            # only with --profile: one more call per
+            "profiler": "…", "total_ms": x,      # backend, not timed; lists slowest first
+            "seconds_profiled": x, "file": "profile_<config>_<mode>_<backend>.json",
+            "by_family": [{"family", "ops", "count", "total_ms", "percent", "top_ops"}, …],
+            "by_op": [{"op", "family", "kernels", "count", "total_ms", "percent"}, …],
+            "top_ops": [{"op", "key", "family", "count", "total_ms", "avg_ms", "percent",
+                         "shapes"}, …]}}}        # (file layout: parity/workers/bench_profile.py)
        }]}
 
 Measures (per mode run): ``eval_forward`` / ``train_step`` (ms, the timed calls),
@@ -74,7 +83,7 @@ from parity.sides.process import progress, resolve_python, run_interruptible
 from parity.sides.serving import WorkerProcess
 
 
-BENCH_SCHEMA = 1
+BENCH_SCHEMA = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time one backend after the other (default: interleave their calls, fairer on a busy "
                         "machine; needs both models in memory)")
     p.add_argument("--profile", action="store_true",
-                   help="also run one call under Jittor's profiler and list its slowest ops")
+                   help="also run one more call (not timed) per backend under its own profiler (torch.profiler, "
+                        "jt.profile_scope()): time per op family side by side, and each side's slowest ops")
     p.add_argument("--out", default=None, help="output folder (default reports/runs/<time>-bench-<config>)")
 
 
@@ -212,20 +222,31 @@ def bench_mode(config_name: str, case_dir: str, mode: str, backends: Sequence[st
                 results[be] = res
                 progress(f"{tags[be]}: median {res['median'] * 1000:.1f} ms (min {res['min'] * 1000:.1f}, max "
                          f"{res['max'] * 1000:.1f}), peak RSS {res['peak_rss_mb']:.0f} MB")
-            if args.profile and "jittor" in workers:
-                path = os.path.join(out, f"profile_{config_name}_{mode}.json")
-                progress(f"{tags['jittor']}: one more call under jt.profile_scope() ...")
-                workers["jittor"].send({"cmd": "profile", "out": path})
-                workers["jittor"].wait_for("profiled")
-                pj = read_json(path)
-                prof = {"by_op": pj.get("by_op", []), "top_kernels": pj.get("top_ops", []),
-                        "file": os.path.basename(path), "seconds_profiled": pj.get("seconds_profiled")}
+            if args.profile:          # one more call per backend, untimed, under its own profiler
+                prof = prof or {}
+                for be in group:
+                    prof[be] = profile_side(workers[be], tags[be], be, config_name, mode, out)
             for w in workers.values():
                 w.close()
         finally:
             for w in workers.values():
                 w.kill()
     return results, prof
+
+
+PROFILER_TEXT = {"torch": "torch.profiler (self CPU time per op)", "jittor": "jt.profile_scope() (time per kernel)"}
+
+
+def profile_side(worker: WorkerProcess, tag: str, backend: str, config_name: str, mode: str, out: str) -> Dict[str, Any]:
+    """One more call of ``backend`` under its profiler -> its entry of bench.json's ``profile``."""
+    path = os.path.join(out, f"profile_{config_name}_{mode}_{backend}.json")
+    progress(f"{tag}: one more call under {PROFILER_TEXT[backend]} ...")
+    worker.send({"cmd": "profile", "out": path})
+    worker.wait_for("profiled")
+    pj = read_json(path)
+    entry = {k: pj.get(k) for k in ("profiler", "total_ms", "seconds_profiled", "by_family", "by_op", "top_ops")}
+    entry["file"] = os.path.basename(path)
+    return entry
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,8 +307,6 @@ def check_options(args: argparse.Namespace):
             raise UsageError(f"{flag} {v}: must be >= {lo}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: must be >= 1")
-    if args.profile and "jittor" not in backends:
-        raise UsageError("--profile uses Jittor's profiler: run the jittor backend")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise UsageError(f"weights: {args.weights}: file not found")
     sizes = [parse_size(args.size, c.train.image_size) for c in cfgs]

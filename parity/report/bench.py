@@ -8,6 +8,7 @@ from typing import Any, Dict
 import numpy as np
 
 from parity.numfmt import fmt_unit
+from parity.report.bench_profile import profile_section
 
 
 def _load(v) -> str:
@@ -52,14 +53,7 @@ def render_md(doc: Dict[str, Any]) -> str:
             f"{be} {b['versions'].get(be, '?')} ({b['threads'].get('threads')} threads, {b['device']})"
             for be, b in r["backends"].items()))
         lines.append("")
-    for r in runs:
-        for mode, prof in (r.get("profile") or {}).items():
-            lines += [f"Slowest Jittor ops, {r['config']} {mode} (one call under `jt.profile_scope()`, "
-                      f"kernels grouped by op; details in `{prof.get('file')}`):", "",
-                      "| op | kernels | calls | total ms | % |", "|---|---:|---:|---:|---:|"]
-            for o in prof.get("by_op", [])[:10]:
-                lines.append(f"| `{o['op']}` | {o['kernels']} | {o['count']} | {o['total_ms']:.1f} | {o['percent']:.1f} |")
-            lines.append("")
+    lines += profile_section(runs)
     if not both:
         lines.append("(only one backend was run: no ratios)")
     return "\n".join(lines) + "\n"

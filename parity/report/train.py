@@ -42,9 +42,8 @@ def train_numbers(res: Mapping[str, Any]) -> Dict[str, Any]:
                           "total_rel": d["total_rel"], "worst_term": d["worst_term"],
                           "worst_term_rel": d["worst_term_rel"]} for d in cb.get("epochs", [])]
     if fl:
-        fw = fl.get("final_window_noise", fl.get("final_window_rel"))    # judge/curves.FLOOR_METRIC
-        out["floor"] = {"lockstep": fl.get("lockstep"), "epoch_total_rel": fl.get("epoch_total_rel"),
-                        "epoch_term_rel": fl.get("epoch_term_rel"), "final_window_rel": fw,
+        out["floor"] = {"lockstep": fl.get("lockstep"), "epoch_total_rel": fl.get("epoch_total_rel"),   # window: FLOOR_METRIC
+                        "epoch_term_rel": fl.get("epoch_term_rel"), "final_window_rel": fl.get("final_window_noise", fl.get("final_window_rel")),
                         "map_abs": fl.get("map_abs"), "param_drift": fl.get("param_drift"),
                         "buffer_rel": fl.get("buffer_rel"), "eval_outputs_rel": fl.get("eval_outputs_rel"),
                         "epochs": [{"epoch": d["epoch"], "total_rel": d["total_rel"],

@@ -17,7 +17,7 @@ machine then hits both alike, and the idle worker (blocked on stdin) never compe
 the one being timed.  Commands (JSON lines on stdin; protocol in ``parity/sides/serving.py``)::
 
     {"cmd": "call", "phase": "warm-up" | "timed"}  ->  {"event": "timed", "phase", "seconds", "i"}
-    {"cmd": "profile", "out": "FILE.json"}         ->  {"event": "profiled", "out"}   (Jittor only)
+    {"cmd": "profile", "out": "FILE.json"}         ->  {"event": "profiled", "out"}
     {"cmd": "result"}                              ->  {"event": "result", ...every number...}
     {"cmd": "quit"}                                ->  {"event": "bye", "peak_rss_mb"}
 
@@ -29,8 +29,10 @@ its own process; not ``ru_maxrss``, which inherits the runner's RSS across fork 
 has no allocator peak counter, so the largest ``jt.get_mem_info().total_cuda_used`` sampled
 after each call is reported.
 
-``profile``: one more call under Jittor's profiler (``jt.profile_scope()``, shapes recorded);
-the slowest kernels and the per-op totals go to FILE.
+``profile``: one more call, not timed, under this backend's own profiler (torch.profiler, self
+CPU time per op; Jittor's ``jt.profile_scope()``, time per kernel): the slowest ops, the
+per-op and the per-family totals go to FILE (parity/workers/bench_profile.py; families:
+parity/workers/op_families.py).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from parity.fileio import write_json
+from parity.workers.bench_profile import profile_jittor, profile_torch
 from parity.workers.common import (EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, emit, fail_event, import_backend,
     load_model, peak_rss_mb, serving_main, set_threads, threads_info)
 
@@ -82,71 +85,6 @@ class DeviceMemory:
                     "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20,
                     "method": "torch.cuda.max_memory_allocated"}
         return {"peak_mb": self.sampled_peak, "method": "max of jt.get_mem_info().total_cuda_used after each call"}
-
-
-def profile_report(rows: List[List[str]], top: int = 25) -> List[Dict[str, Any]]:
-    """Jittor's profiler report (header + rows of strings) -> the ``top`` ops by total time."""
-    if not rows:
-        return []
-    head = rows[0]
-    out = []
-    for r in rows[1:]:
-        d = dict(zip(head, r))
-        try:
-            total_ns = float(d.get("TotalTime", 0))
-        except ValueError:
-            continue
-        name = d.get("Name", "")
-        out.append({"op": summarize_op(name), "key": name[:400], "file": d.get("FileName", "").split("\n")[0],
-                    "count": int(float(d.get("Count", 0) or 0)), "total_ms": total_ns / 1e6,
-                    "avg_ms": float(d.get("AvgTime", 0) or 0) / 1e6, "shapes": _shapes(d.get("FileName", ""))})
-    out.sort(key=lambda x: -x["total_ms"])
-    total = sum(x["total_ms"] for x in out if "relay" not in x["key"]) or 1.0
-    for x in out:
-        x["percent"] = 100.0 * x["total_ms"] / total
-    return out[:top]
-
-
-def group_ops(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Profile rows (every row, not only the top) summed by short op name, slowest first."""
-    acc: Dict[str, Dict[str, Any]] = {}
-    for r in rows:
-        g = acc.setdefault(r["op"], {"op": r["op"], "kernels": 0, "count": 0, "total_ms": 0.0})
-        g["kernels"] += 1
-        g["count"] += r["count"]
-        g["total_ms"] += r["total_ms"]
-    out = sorted(acc.values(), key=lambda g: -g["total_ms"])
-    total = sum(g["total_ms"] for g in out) or 1.0
-    for g in out:
-        g["percent"] = 100.0 * g["total_ms"] / total
-    return out
-
-
-def _shapes(fname: str) -> str:
-    i = fname.find("shapes:")
-    return " ".join(fname[i + 7:].split())[:160] if i >= 0 else ""
-
-
-def summarize_op(key: str) -> str:
-    """Jittor jit key -> short name: ``mkl_conv«Tx:f32...`` -> ``mkl_conv``; a fused op
-    ``«opkey0:broadcast_to«...«opkey2:binary«...«OP:multiply«opkey3:reduce«...«OP:add`` ->
-    ``broadcast_to+broadcast_to+binary(multiply)+reduce(add)``."""
-    toks = [t for t in key.replace("[", "«").replace("]", "«").split("«") if t]
-    if not toks:
-        return key[:80]
-    if not toks[0].startswith("opkey"):
-        return toks[0]
-    names: List[str] = []
-    for t in toks:
-        if t.startswith("opkey") and ":" in t:
-            names.append(t.split(":", 1)[1])
-        elif t.startswith("OP:") and names and "(" not in names[-1]:
-            names[-1] += f"({t[3:]})"
-    if len(names) > 6:
-        from collections import Counter
-        c = Counter(names)
-        return "fused[" + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in c.most_common(6)) + ", ...]"
-    return "+".join(names)
 
 
 class BenchServer:
@@ -219,21 +157,14 @@ class BenchServer:
         return True
 
     def profile(self, path: str) -> None:
+        """One more call under this backend's profiler -> FILE (layout: parity/workers/bench_profile.py)."""
         self.phase = "profile"
-        if self.be != "jittor":
-            raise WorkerFailure("profile", EXIT_INPUT, "profile is Jittor's profiler (jt.profile_scope)")
-        from backends.jittor_impl.framework import jt  # lazy: the Jittor side only
-
-        self.adapter.sync()
-        t0 = time.perf_counter()
-        with jt.profile_scope(profiler_record_shape=1) as rep:
-            self.call()
-            self.adapter.sync()
-        every = profile_report(rep, top=10 ** 9)
+        if self.be == "jittor":
+            doc = profile_jittor(self.adapter, self.call, self.args.mode, self.args.profile_top)
+        else:
+            doc = profile_torch(self.adapter, self.call, self.args.mode, self.args.device, self.args.profile_top)
         self.profile_file = path
-        write_json(path, {"backend": self.be, "mode": self.args.mode, "seconds_profiled": time.perf_counter() - t0,
-                          "top_ops": every[:self.args.profile_top], "by_op": group_ops(every)[:self.args.profile_top],
-                          "raw_rows": len(rep) - 1 if rep else 0})
+        write_json(path, doc)
         emit("profiled", out=path)
 
     def result(self) -> None:
