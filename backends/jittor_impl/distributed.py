@@ -135,5 +135,5 @@ def convert_sync_batchnorm(model, device: str = "cpu"):
     return model
 
 
-__all__ = ["World", "init_world", "current_world", "all_reduce_sum", "mean_over_ranks", "average_gradients", "SyncBatchNorm2d",
-           "convert_sync_batchnorm"]
+__all__ = ["World", "init_world", "current_world", "all_reduce_sum", "mean_over_ranks", "average_gradients",
+           "SyncBatchNorm2d", "convert_sync_batchnorm"]

@@ -56,7 +56,7 @@ def all_reduce_sum(value: float) -> float:
     w = current_world()
     if not w.active:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_wire_device())
     dist.all_reduce(t)
     return float(t.item())
 
@@ -67,9 +67,15 @@ def mean_over_ranks(values: "list[float]") -> "list[float]":
     w = current_world()
     if not w.active:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_wire_device())
     dist.all_reduce(t)
     return [float(v) / w.size for v in t.tolist()]
+
+
+def _wire_device() -> str:
+    """Where a host number travels: NCCL all-reduces CUDA tensors only, gloo CPU ones.  (The
+    NCCL path has not run here: no GPU on these machines.)"""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
