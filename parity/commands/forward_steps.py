@@ -193,17 +193,19 @@ def write_case(fr: ForwardRun, args, base_info: Dict[str, Any]) -> None:
 
 
 def check_side(j: Job, manifest: Dict[str, Any]) -> None:
-    """The side ran the case's config and weights, in the asked backend and dtype."""
-    if j.meta.get("config_digest") != manifest["config_digest"]:
-        raise RunError(f"config mismatch: the {j.backend} side ran config digest "
-                       f"{j.meta.get('config_digest')}, the case is {manifest['config_digest']}",
-                       side=j.backend, cause="config mismatch")
-    if j.meta.get("case_weights_sha256") != manifest["files"]["weights.safetensors"]:
-        raise RunError(f"the {j.backend} side loaded other weights than the case's", side=j.backend,
-                       cause="weights")
-    if j.meta.get("dtype") != j.dtype or j.meta.get("backend") != j.backend:
-        raise RunError(f"the {j.backend} side reported {j.meta.get('backend')} {j.meta.get('dtype')}, "
-                       f"expected {j.backend} {j.dtype}", side=j.backend, cause="protocol")
+    """The side ran the case's config and weights, in the asked backend and dtype (every rank
+    of a data-parallel side)."""
+    for meta in j.rank_meta or [j.meta]:
+        if meta.get("config_digest") != manifest["config_digest"]:
+            raise RunError(f"config mismatch: the {j.backend} side ran config digest "
+                           f"{meta.get('config_digest')}, the case is {manifest['config_digest']}",
+                           side=j.backend, cause="config mismatch")
+        if meta.get("case_weights_sha256") != manifest["files"]["weights.safetensors"]:
+            raise RunError(f"the {j.backend} side loaded other weights than the case's", side=j.backend,
+                           cause="weights")
+        if meta.get("dtype") != j.dtype or meta.get("backend") != j.backend:
+            raise RunError(f"the {j.backend} side reported {meta.get('backend')} {meta.get('dtype')}, "
+                           f"expected {j.backend} {j.dtype}", side=j.backend, cause="protocol")
 
 
 def float64_too_long(t64: Job, budget_s: float) -> Optional[str]:

@@ -72,9 +72,9 @@ def plan(fr, nproc: int) -> Dict[str, Job]:
     return jobs
 
 
-def compare_ranks(fr, jobs: Dict[str, Job], nproc: int, base_info: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """J64 rank r against T64 rank r, with the one-process grad stage's comparison."""
-    before = Case(fr.case_dir, verify=False).weights()
+def compare_ranks(fr, jobs: Dict[str, Job], nproc: int, before) -> List[Dict[str, Any]]:
+    """J64 rank r against T64 rank r, with the one-process grad stage's comparison (``before``:
+    the case's weights, the step's starting point)."""
     out = []
     t, j = jobs["T64"], jobs["J64"]
     for r in range(nproc):
@@ -111,9 +111,7 @@ def run(args) -> int:
         steps.write_case(fr, args, base_info)
         for i, job in enumerate(fr.jobs, 1):
             run_job(job, fr.case_dir, fr.device, progress, i, len(fr.jobs), fr.verbose, fr.timeout)
-            for m in job.rank_meta or [job.meta]:
-                job.meta = m
-                steps.check_side(job, fr.manifest)
+            steps.check_side(job, fr.manifest)
         fr.order = list(fr.jobs)
         progress.line("  comparing ...")
         case = Case(fr.case_dir, verify=False)
@@ -122,7 +120,7 @@ def run(args) -> int:
         rules = fr.thresholds.section("ranks")
         engines = OrderedDict((side, engine_check(jobs[side].outs, jobs[side + "_1"].out, digests, rules, side))
                               for side in ("T64", "J64"))
-        per_rank = compare_ranks(fr, jobs, nproc, base_info)
+        per_rank = compare_ranks(fr, jobs, nproc, case.weights())
         res = finish(fr, base_info, engines, per_rank, versions, t_start)
         return EXIT_OK if res["passed"] else EXIT_FAIL
     except RunError as e:

@@ -65,7 +65,6 @@ from parity.workers.train_files import LOG_SCHEMA, SideFiles, epoch_summary, fin
 from parity.workers.train_ranks import Ranks, error_path
 
 
-
 # ----------------------------------------------------------------------------------------
 # the worker
 # ----------------------------------------------------------------------------------------
