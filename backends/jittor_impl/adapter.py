@@ -11,7 +11,7 @@ from rtdetr_core.config import RTDETRConfig, load_config
 from rtdetr_core.param_spec import param_spec
 
 from . import framework as fw
-from .capture import recorder_for
+from .capture import Recorder, recorder_for
 from .common import named_batchnorms
 from .criterion import SetCriterion
 from .distributed import World, average_gradients, convert_sync_batchnorm, init_world, mean_over_ranks
@@ -26,6 +26,15 @@ from .rtdetr import build_model, check_against_spec
 
 class WeightsError(ValueError):
     """A weights dict does not fit the model; the message lists every problem."""
+
+
+# the train loop's discrete decisions: this intermediate plus the matcher's assignments
+TOPK_INDEX = ("decoder.enc_topk_index",)
+
+
+def _matches_numpy(used) -> "OrderedDict[str, List[np.ndarray]]":
+    """Criterion's assignments -> call name -> per image int64 [2, n] (query, target)."""
+    return OrderedDict((k, [np.asarray(m, dtype=np.int64).reshape(2, -1) for m in v]) for k, v in used.items())
 
 
 def _tree_to_numpy(x):
@@ -183,12 +192,13 @@ class Adapter:
         return average_gradients(grads)
 
     def loss(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
-             backward: bool = False, capture: Union[bool, Sequence[str]] = False) -> dict:
+             backward: bool = False, capture: Union[bool, Sequence[str]] = False, multi_scale_size=None) -> dict:
         """Train-mode forward + criterion (+ backward).  Gradients are returned for every
         trainable parameter in spec order (zeros for a parameter the loss did not reach)."""
         rec = recorder_for(capture)
         with (rec if rec is not None else nullcontext()):
-            out, losses, used, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index)
+            out, losses, used, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index,
+                                                                multi_scale_size)
         res = {"losses": OrderedDict((k, float(v.item())) for k, v in losses.items()),
                "total": float(total.item()), "matches": used, "outputs": _tree_to_numpy(out)}
         if backward:
@@ -214,10 +224,12 @@ class Adapter:
                    multi_scale_size=None) -> dict:
         """Official loop without AMP: zero_grad, forward, loss, backward, clip_grad_norm,
         AdamW step, EMA update (if enabled).  Gradients are fresh each step (jt.grad), so
-        zero_grad is implicit."""
+        zero_grad is implicit.  ``decisions``: the step's top-k index [B, Q] and assignments
+        (call -> per image [2, n]), which the train stage logs and compares."""
         self._ensure_optimizer()
-        out, losses, _, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index,
-                                                         multi_scale_size)
+        with Recorder(TOPK_INDEX, evidence=False) as rec:
+            out, losses, used, total = self._train_forward_loss(images, targets, dn_draws, matches, topk_index,
+                                                                multi_scale_size)
         grads = self._grads(out, total)
         grad_norm = clip_grad_norm(grads, self.cfg.optimizer.clip_max_norm)
         self.optimizer.step(grads)
@@ -226,7 +238,9 @@ class Adapter:
         # data parallel: the global batch's losses (the mean over ranks, as the official loop logs)
         vals = mean_over_ranks([float(v.item()) for v in losses.values()] + [float(total.item())])
         res = {"losses": OrderedDict(zip(losses, vals[:-1])), "total": vals[-1], "grad_norm": grad_norm,
-               "lr": [float(g["lr"]) for g in self.optimizer.param_groups]}
+               "lr": [float(g["lr"]) for g in self.optimizer.param_groups],
+               "decisions": {"topk_index": rec.numpy()[TOPK_INDEX[0]],
+                             "matches": _matches_numpy(used)}}
         jt.sync_all()
         return res
 

@@ -11,7 +11,7 @@ import torch
 from rtdetr_core.config import RTDETRConfig, load_config
 from rtdetr_core.param_spec import param_spec
 
-from .capture import recorder_for
+from .capture import Recorder, recorder_for
 from .criterion import SetCriterion
 from .distributed import World, convert_sync_batchnorm, init_world, mean_over_ranks
 from .ema import ModelEMA
@@ -24,6 +24,16 @@ from .rtdetr import build_model
 
 class WeightsError(ValueError):
     """A weights dict does not fit the model; the message lists every problem."""
+
+
+# the train loop's discrete decisions: this intermediate plus the matcher's assignments
+TOPK_INDEX = ("decoder.enc_topk_index",)
+
+
+def _matches_numpy(used) -> "OrderedDict[str, List[np.ndarray]]":
+    """Criterion's assignments -> call name -> per image int64 [2, n] (query, target)."""
+    return OrderedDict((k, [np.stack([to_numpy(s), to_numpy(t)]).astype(np.int64).reshape(2, -1) for s, t in v])
+                       for k, v in used.items())
 
 
 def _tree_to_numpy(x):
@@ -158,7 +168,7 @@ class Adapter:
         return out, losses, used, total
 
     def loss(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
-             backward: bool = False, capture: Union[bool, Sequence[str]] = False) -> dict:
+             backward: bool = False, capture: Union[bool, Sequence[str]] = False, multi_scale_size=None) -> dict:
         """Train-mode forward + criterion (+ backward).  Gradients are returned for every
         trainable parameter in spec order (zeros for a parameter the loss did not reach)."""
         self.model.train()
@@ -170,14 +180,13 @@ class Adapter:
         with torch.set_grad_enabled(backward):
             with rec if rec is not None else contextlib.nullcontext():
                 out, losses, used, total = self._train_forward_loss(x, tgts, dn_draws, matches,
-                                                                    self._topk(topk_index))
+                                                                    self._topk(topk_index), multi_scale_size)
             if backward:
                 total.backward()
         res = {
             "losses": OrderedDict((k, float(v.detach())) for k, v in losses.items()),
             "total": float(total.detach()),
-            "matches": OrderedDict((k, [np.stack([to_numpy(s), to_numpy(t)]).astype(np.int64).reshape(2, -1)
-                                        for s, t in v]) for k, v in used.items()),
+            "matches": _matches_numpy(used),
             "outputs": _tree_to_numpy(out),
         }
         if backward:
@@ -203,14 +212,16 @@ class Adapter:
     def train_step(self, images, targets, dn_draws=None, *, matches=None, topk_index=None,
                    multi_scale_size=None) -> dict:
         """Official loop without AMP: zero_grad, forward, loss, backward, clip_grad_norm,
-        AdamW step, EMA update (if enabled)."""
+        AdamW step, EMA update (if enabled).  ``decisions``: the step's top-k index [B, Q] and
+        assignments (call -> per image [2, n]), which the train stage logs and compares."""
         self._ensure_optimizer()
         self.model.train()
         self.criterion.train()
         x, tgts = self._images(images), self._targets(targets)
         self.optimizer.zero_grad(set_to_none=True)
-        _, losses, _, total = self._train_forward_loss(x, tgts, dn_draws, matches, self._topk(topk_index),
-                                                       multi_scale_size)
+        with Recorder(TOPK_INDEX, evidence=False) as rec:
+            _, losses, used, total = self._train_forward_loss(x, tgts, dn_draws, matches, self._topk(topk_index),
+                                                              multi_scale_size)
         total.backward()
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optimizer.clip_max_norm)
         self.optimizer.step()
@@ -219,7 +230,9 @@ class Adapter:
         # data parallel: the global batch's losses (the mean over ranks, as the official loop logs)
         vals = mean_over_ranks([float(v.detach()) for v in losses.values()] + [float(total.detach())])
         return {"losses": OrderedDict(zip(losses, vals[:-1])), "total": vals[-1], "grad_norm": grad_norm,
-                "lr": [float(g["lr"]) for g in self.optimizer.param_groups]}
+                "lr": [float(g["lr"]) for g in self.optimizer.param_groups],
+                "decisions": {"topk_index": rec.numpy()[TOPK_INDEX[0]].astype(np.int64),
+                              "matches": _matches_numpy(used)}}
 
     def param_groups(self) -> "OrderedDict[str, int]":
         """Trainable parameter name -> optimiser group index, in spec order."""

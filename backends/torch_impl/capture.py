@@ -21,9 +21,12 @@ class Recorder:
     rec.numpy()  # OrderedDict[name -> np.ndarray]
     """
 
-    def __init__(self, names: Optional[Iterable[str]] = None) -> None:
-        # names: record only these intermediates (None: all); decisions are always kept
+    def __init__(self, names: Optional[Iterable[str]] = None, evidence: bool = True) -> None:
+        # names: record only these intermediates (None: all).  evidence=False: no decision
+        # evidence either (the train loop's own top-k index, logged every iteration, must not
+        # cost a cost matrix nor, in Jittor, a mid-graph sync that changes kernel fusion)
         self.only = None if names is None else frozenset(names)
+        self.evidence = evidence
         self.tensors: "OrderedDict[str, object]" = OrderedDict()
         # evidence behind the discrete decisions (encoder scores, matching costs, this side's
         # own choice when the harness injected another's): kept apart from the intermediates,
@@ -52,6 +55,11 @@ def active() -> bool:
     return bool(_ACTIVE)
 
 
+def wants_evidence() -> bool:
+    """True while the innermost recorder keeps decision evidence (lets callers skip computing it)."""
+    return bool(_ACTIVE) and _ACTIVE[-1].evidence
+
+
 def recorder_for(capture: Union[bool, Iterable[str]]) -> Optional[Recorder]:
     """The Recorder an adapter call's ``capture`` asks for: None (False), every intermediate
     (True), or only the named ones (a sequence of names: cheap, e.g. the top-k selection)."""
@@ -69,8 +77,8 @@ def record(name: str, tensor) -> None:
 def note_decision(name: str, value) -> None:
     """Keep ``value`` (a tensor, array or list of int64 [2, n] arrays) as evidence of a discrete
     decision (``topk_scores`` [B, S], ``topk_own`` [B, Q], ``match_cost/<call>`` [B, Q, T],
-    ``match_own/<call>``) in the innermost active recorder, if any."""
-    if not _ACTIVE:
+    ``match_own/<call>``) in the innermost active recorder, if it keeps evidence."""
+    if not wants_evidence():
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
-from .capture import active, note_decision
+from .capture import note_decision, wants_evidence
 from .distributed import all_reduce_sum, current_world
 from .framework import bce_with_logits
 
@@ -105,7 +105,7 @@ class SetCriterion(nn.Module):
     def _note_match(self, name: str, outputs, targets, injected: bool) -> None:
         """While the harness records: keep the cost matrix [B, Q, T] (evidence for judging a
         flipped assignment) and, when another side's assignment is injected, our own."""
-        if not active():
+        if not wants_evidence():
             return
         if sum(len(t["boxes"]) for t in targets):
             note_decision(f"match_cost/{name}", self.matcher.cost_matrix(outputs, targets))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import active, note_decision, record
+from .capture import active, note_decision, record, wants_evidence
 from .common import MLP, inverse_sigmoid
 from .deformable_attention import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group
@@ -239,7 +239,7 @@ class RTDETRTransformer(nn.Module):
             topk_ind = topk_index.to(device=memory.device, dtype=torch.int64)
             if tuple(topk_ind.shape) != (bs, self.num_queries):
                 raise ValueError(f"topk_index has shape {tuple(topk_ind.shape)}, expected {(bs, self.num_queries)}")
-            if active():
+            if wants_evidence():
                 # the harness injected another side's choice: keep our own, so that it is still judged
                 note_decision("topk_own", topk(enc_scores, self.num_queries, dim=1)[1])
         record("decoder.enc_topk_index", topk_ind)

@@ -38,6 +38,7 @@ from typing import Any, Dict, Optional
 
 from parity.case.train import TRAIN_SCHEMA
 from parity.commands import train_steps as steps
+from parity.commands import train_ties
 from parity.errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, RunError
 from parity.fileio import error_result, jsonable, read_json, write_json, write_text
 from parity.judge import curves
@@ -108,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
         steps.run_sides(run, progress)
         progress.line("  evaluating and comparing ...")
         res, code, inputs_ok = judge_run(run, thresholds, max_tie_rows, base_info, versions)
+        res, code = train_ties.settle(run, thresholds, res, code,
+                                      lambda: judge_run(run, thresholds, max_tie_rows, base_info, versions), progress)
         finish(run, args, res, t_start)
         for lab, ok in inputs_ok.items():
             if not ok:

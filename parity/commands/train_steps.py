@@ -281,10 +281,14 @@ def check_split(plan: Dict[str, Any], nproc: int) -> None:
                        f"multiples of {nproc})", cause="usage")
 
 
+def faults_of(run: TrainRun, side: Side) -> List[str]:
+    """The --inject-fault specs this side runs with (the fault side's, never the reference's)."""
+    return list(run.faults) if run.faults and side.backend == run.fault_side and side.role != "ref" else []
+
+
 def run_sides(run: TrainRun, progress) -> None:
     """Every side to its end (one after the other with --sequential); a failing side is one line."""
-    fault_for = {s.label: (run.faults if run.faults and s.backend == run.fault_side and s.role != "ref" else [])
-                 for s in run.sides}
+    fault_for = {s.label: faults_of(run, s) for s in run.sides}
 
     def start(s):
         start_side(s, run.out, run.device, run.threads, run.resumed, run.stop_after, fault_for[s.label], run.verbose,

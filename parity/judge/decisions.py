@@ -77,7 +77,7 @@ def classify_topk(own, base, scores_base, scores_exact, *, k: float, noise_rel: 
         kind = ("order" if same_set else "tie") if gap <= bound else "flip"
         images.append({"image": i, "kind": kind, "gap": gap, "noise": noise, "bound": bound,
                        "moved": int((o != b).sum()), "set_diff": int(len(np.setdiff1d(o, b)))})
-    return _overall(images)
+    return overall(images)
 
 
 def _assignment_cost(c: np.ndarray, m: np.ndarray) -> float:
@@ -120,10 +120,10 @@ def classify_matches(own: Sequence[np.ndarray], base: Sequence[np.ndarray], cost
         bound = k * noise + 4 * EPS32 * scale * len(pairs) * (noise_rel is None)
         images.append({"image": i, "kind": "tie" if gap <= bound else "flip", "gap": max(gap, 0.0),
                        "noise": noise, "bound": bound, "moved": len(pairs) // 2})
-    return _overall(images)
+    return overall(images)
 
 
-def _overall(images: List[Dict[str, Any]]) -> Dict[str, Any]:
+def overall(images: List[Dict[str, Any]]) -> Dict[str, Any]:
     order = {"same": 0, "order": 1, "tie": 2, "flip": 3}
     kind = max((im["kind"] for im in images), key=order.__getitem__, default="same")
     worst = max(images, key=lambda im: (order[im["kind"]], im["gap"]), default=None)

@@ -90,8 +90,10 @@ class Thresholds:
         return _flat_section(self.path, self.data, name)
 
     def train(self) -> "TrainThresholds":
-        """The ``train`` section (required when asked for)."""
-        return _train_section(self.path, self.data)
+        """The ``train`` section (required when asked for), with the decisions' tie_k."""
+        t = _train_section(self.path, self.data)
+        t.tie_k = self.tie_k
+        return t
 
 
 def _num(path: str, key: str, v: Any, lo: float = 0.0) -> float:
@@ -224,6 +226,7 @@ class TrainThresholds:
     lockstep_rel: float
     window: int
     table: Dict[str, Dict[str, TrainRule]]      # dtype -> check -> rule
+    tie_k: float = 4.0                          # decisions: a tie when its gap <= tie_k x noise
 
     def for_dtype(self, dtype: str) -> Dict[str, TrainRule]:
         return self.table[dtype]

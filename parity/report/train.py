@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from parity.numfmt import g
 from parity.report import plots
 from parity.report.fmt import _df, md_table, shown_path
+from parity.report.train_decisions import decisions_section
 
 
 def _side(res, role):
@@ -104,6 +105,7 @@ def train_markdown(res: Mapping[str, Any], run_dir: str, images: Optional[Mappin
 
     img("loss_curves.png", "loss curves")
     _checks(res, heading, L)
+    decisions_section(res, heading, L)
     _lockstep(res, heading, L, img)
     _map(res, heading, L, img)
     _drift(res, heading, L)
@@ -392,9 +394,7 @@ def _environment(res: Mapping[str, Any], heading: str, L: List[str]) -> None:
                  + f" (`{v.get('executable')}`)")
     if res.get("command"):
         L.append(f"- command: `{' '.join(res['command'])}`")
-    if res.get("invocations", 1) > 1:
-        L.append(f"- wall time: {g(res.get('wall_s_total'), '.1f')} s over {res['invocations']} invocations "
-                 f"(the last, a resume, {g(res.get('wall_s'), '.1f')} s); per side: the table above")
-    else:
-        L.append(f"- wall time of the whole run: {g(res.get('wall_s'), '.1f')} s")
+    L.append(f"- wall time: {g(res.get('wall_s_total'), '.1f')} s over {res['invocations']} invocations "
+             f"(the last, a resume, {g(res.get('wall_s'), '.1f')} s); per side: the table above"
+             if res.get("invocations", 1) > 1 else f"- wall time of the whole run: {g(res.get('wall_s'), '.1f')} s")
     L.append("")

@@ -40,8 +40,9 @@ class Side:
 
 
 def start_side(side: Side, out: str, device: str, threads: int, resume: bool, stop_after: Optional[int],
-               faults: Sequence[str], verbose: bool, nproc: int = 1) -> None:
-    """One side's worker; ``nproc`` > 1: as that many ranks under torchrun / mpirun."""
+               faults: Sequence[str], verbose: bool, nproc: int = 1, extra: Sequence[str] = ()) -> None:
+    """One side's worker; ``nproc`` > 1: as that many ranks under torchrun / mpirun.  ``extra``:
+    more worker options (a replay's --dir, --follow, --probe-at: parity/commands/train_ties.py)."""
     os.makedirs(side.dir, exist_ok=True)
     for stale in ["status.json", "error.json"] + [os.path.basename(p) for p in rank_errors(side.dir)]:
         if os.path.exists(os.path.join(side.dir, stale)):      # an earlier run's progress is not ours
@@ -56,6 +57,7 @@ def start_side(side: Side, out: str, device: str, threads: int, resume: bool, st
         cmd += ["--stop-after-epoch", str(stop_after)]
     for f in faults:
         cmd += ["--inject-fault", f]
+    cmd += list(extra)
     cmd = rank_command(side.backend, side.python, nproc, cmd)
     side.t0 = time.perf_counter()
     side.proc, side.pump = spawn(cmd, side.log_path, side.backend, verbose, env={"OMP_NUM_THREADS": str(threads)},

@@ -197,6 +197,14 @@ def _patch_lr_scale(backend: str, scale: float) -> str:
     return f"AdamW step with {scale:g} x the learning rate"
 
 
+def poison_weights(adapter) -> None:
+    """``nonfinite:ITERATION``: the decoder's first score-head bias becomes NaN before that step."""
+    w = adapter.export_weights()
+    name = next(n for n in w if n.startswith("decoder.dec_score_head") and n.endswith("bias"))
+    w[name] = np.full_like(w[name], np.nan)
+    adapter.load_weights(w)
+
+
 def maybe_crash(faults: Sequence[Fault]) -> None:
     for f in faults:
         if f.kind != "crash":

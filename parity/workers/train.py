@@ -2,7 +2,8 @@
 
     python -m parity.workers.train --backend torch|jittor --run RUN_DIR --side LABEL \
         [--dtype float32|float64] [--device cpu|cuda] [--threads N] [--resume] \
-        [--stop-after-epoch N] [--inject-fault SPEC ...] [--nproc N]
+        [--stop-after-epoch N] [--inject-fault SPEC ...] [--nproc N] [--dir SIDE_DIR]
+        [--follow FILE.npz] [--probe-at IT --probe-out DIR]
 
 Input: the run's case folder ``RUN_DIR/case`` written once by the runner
 (``parity/commands/train.py``): ``config.json``, ``weights.safetensors`` (initial weights),
@@ -27,12 +28,13 @@ Output, all under ``RUN_DIR/LABEL/`` (every file written atomically)::
                                       stream states, the log up to here) — written to a
                                       temporary folder, then renamed: a folder is complete
     final.safetensors                 the weights after the last epoch (parameter drift)
+    decisions/epoch_NNNN.rank<r>.npz  every iteration's top-k index and assignments, per rank
+                                      (parity/workers/train_decisions.py: also --follow, --probe-at)
     error.json                        on failure (phase, message, traceback); exit code 3
                                       environment, 4 input (case / config / weights / fault), 1 crash
 
-A non-finite loss term (or total, or gradient norm) stops this side at once: ``log.json``
-gets ``status: nonfinite`` and ``nonfinite: {"epoch", "iteration", "term", "value"}``; exit 0
-(it is a result, the report says so).
+A non-finite loss term, total or gradient norm stops this side at once (``status: nonfinite``,
+``nonfinite: {"epoch", "iteration", "term", "value"}``; exit 0: a result, the report says so).
 
 ``--nproc N`` (under torchrun / mpirun): each rank trains on its shard of every global batch;
 rank 0 writes the files above, the losses logged are the mean over ranks (parity/workers/train_ranks.py).
@@ -53,15 +55,17 @@ import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 from rtdetr_core.lr_schedule import multistep_factor
 
 from parity.case.train import batch_digest, epoch_file, load_data, read_epoch_streams
 from parity.fileio import jsonable, read_json, write_json
 from parity.workers.common import (EXIT_CRASH, EXIT_INPUT, EXIT_OK, WorkerFailure, check_device, import_backend,
     peak_rss_mb, report_failure, threads_info)
-from parity.workers.faults import apply_weight_faults, install_runtime_faults, maybe_crash, train_faults
-from parity.workers.train_files import LOG_SCHEMA, SideFiles, epoch_summary, finite_check, nonfinite_weights
+from parity.workers.faults import (apply_weight_faults, install_runtime_faults, maybe_crash, poison_weights,
+    train_faults)
+from parity.workers.train_decisions import DecisionLog
+from parity.workers.train_files import (LOG_SCHEMA, SideFiles, epoch_summary, finite_check, nonfinite_error,
+    nonfinite_event)
 from parity.workers.train_ranks import Ranks, error_path
 
 
@@ -69,16 +73,17 @@ from parity.workers.train_ranks import Ranks, error_path
 # the worker
 # ----------------------------------------------------------------------------------------
 
-class TrainWorker(SideFiles, Ranks):
+class TrainWorker(SideFiles, Ranks, DecisionLog):
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.t0 = time.perf_counter()
         self.phase = "start"
-        self.dir = os.path.join(args.run, args.side)
+        self.dir = args.dir or os.path.join(args.run, args.side)
         self.case_dir = os.path.join(args.run, "case")
         self.epoch = 0
         self.iteration = 0
         self.prev_wall = 0.0
+        self.probed = False
         self.init_ranks(args.nproc)
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -112,6 +117,7 @@ class TrainWorker(SideFiles, Ranks):
         if os.path.exists(error_path(self.dir, self.rank)):
             os.unlink(error_path(self.dir, self.rank))
         faults, nonfinite_at = self.setup()
+        self.init_decisions()
         if self.args.nproc > 1:
             self.join_world(faults)
         start = self.restore(int(self.plan["epochs"]))
@@ -119,6 +125,8 @@ class TrainWorker(SideFiles, Ranks):
             return EXIT_OK
         maybe_crash(faults)
         stopped = self.train_epochs(start, nonfinite_at)
+        if self.probed:                 # a probe leaves no log, weights or status behind
+            return EXIT_OK
         self.finish(stopped)
         return EXIT_OK
 
@@ -243,9 +251,12 @@ class TrainWorker(SideFiles, Ranks):
             for step, it in enumerate(its):
                 if not self.train_iteration(epoch, step, it, nonfinite_at):
                     break
+            if self.probed:
+                return True
             train_s = time.perf_counter() - t_epoch
             self.log["epochs"].append(self.epoch_record(epoch, train_s))
             if self.log["status"] == "nonfinite":
+                self.write_decisions(epoch)
                 self.write_log()
                 break
             if self.end_epoch(epoch, meta, train_s):
@@ -266,25 +277,23 @@ class TrainWorker(SideFiles, Ranks):
         if a.nproc > 1:
             images, targets, dn = self.shard(images, targets, dn)
         if nonfinite_at is not None and self.iteration == nonfinite_at:
-            w = self.adapter.export_weights()
-            name = next(n for n in w if n.startswith("decoder.dec_score_head") and n.endswith("bias"))
-            w[name] = np.full_like(w[name], np.nan)
-            self.adapter.load_weights(w)
+            poison_weights(self.adapter)
+        topk, matches = self.forced(self.iteration)
+        if a.probe_at is not None and self.iteration == a.probe_at:
+            self.probe(images, targets, dn, ms, topk, matches)
+            self.probed = True
+            return False
         t = time.perf_counter()
         try:
-            res = self.adapter.train_step(images, targets, dn, multi_scale_size=ms)
+            res = self.adapter.train_step(images, targets, dn, multi_scale_size=ms, topk_index=topk, matches=matches)
         except Exception as e:  # noqa: BLE001 - a NaN may surface as an error (matcher)
-            bad_w = nonfinite_weights(self.adapter)
-            msg = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            if not bad_w and "nan" not in msg.lower() and "inf" not in msg.lower():
+            event = nonfinite_error(e, self.adapter, epoch, self.iteration, step)
+            if event is None:
                 raise
-            term = "matching cost" if "matching cost" in msg else type(e).__name__
-            self.log["status"] = "nonfinite"
-            self.log["nonfinite"] = {"epoch": epoch, "iteration": self.iteration, "step": step,
-                                     "term": term, "value": "error", "error": msg,
-                                     "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
+            self.log["status"], self.log["nonfinite"] = "nonfinite", event
             print(f"[{a.side}] non-finite values at iteration {self.iteration} (epoch {epoch}): "
-                  f"{msg}; {len(bad_w)} non-finite weight tensors: stopping this side", file=sys.stderr)
+                  f"{event['error']}; {event['nonfinite_weights']} non-finite weight tensors: stopping this side",
+                  file=sys.stderr)
             return False
         sec = time.perf_counter() - t
         rec = {"iteration": self.iteration, "epoch": epoch, "step": step,
@@ -293,14 +302,14 @@ class TrainWorker(SideFiles, Ranks):
                "lr": [float(x) for x in res["lr"]], "multi_scale_size": ms,
                "num_boxes": [int(len(targets_all[int(i)]["labels"])) for i in idx],
                "batch": batch, "seconds": sec}
+        if topk is not None or matches is not None:
+            rec["followed"] = True          # this step took the base side's decisions (--follow)
+        self.keep_decisions(self.iteration, res.get("decisions"))
         self.log["iterations"].append(rec)
         bad = finite_check(res)
         if bad is not None:
             self.log["status"] = "nonfinite"
-            bad_w = nonfinite_weights(self.adapter)
-            self.log["nonfinite"] = {"epoch": epoch, "iteration": self.iteration, "step": step,
-                                     "term": bad[0], "value": repr(bad[1]),
-                                     "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
+            self.log["nonfinite"] = nonfinite_event(self.adapter, epoch, self.iteration, step, bad[0], repr(bad[1]))
             print(f"[{a.side}] non-finite {bad[0]} = {bad[1]} at iteration {self.iteration} "
                   f"(epoch {epoch}): stopping this side", file=sys.stderr)
             return False
@@ -320,6 +329,9 @@ class TrainWorker(SideFiles, Ranks):
         """Evaluation and checkpoint as planned, the log; True when --stop-after-epoch stops here."""
         E, plan, stop_after = int(self.plan["epochs"]), self.plan, self.args.stop_after_epoch
         eval_every, ckpt_every = int(plan["eval_every"]), int(plan["checkpoint_every"])
+        self.write_decisions(epoch)
+        if self.args.probe_at is not None:      # a probe only walks to its iteration
+            return False
         if self.writer and (epoch == E or (eval_every > 0 and epoch % eval_every == 0)):
             self.evaluate(epoch)
         stop_here = stop_after is not None and epoch == stop_after and epoch < E
@@ -361,13 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tests: weight:NAME:OP=V, upsample:bilinear, bn-momentum:V, dist:RULE, crash:KIND, "
                         "nonfinite:ITERATION")
     p.add_argument("--nproc", type=int, default=1, help="ranks of a data-parallel launch (torchrun / mpirun)")
+    p.add_argument("--dir", default=None, help="this side's folder (default RUN/SIDE)")
+    p.add_argument("--follow", default=None, metavar="FILE", help="take these iterations' decisions (npz)")
+    p.add_argument("--probe-at", type=int, default=None, metavar="IT",
+                   help="stop at iteration IT after recording its decision evidence into --probe-out")
+    p.add_argument("--probe-out", default=None, metavar="DIR", help="the probe's output folder")
     return p
-
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.run = os.path.abspath(args.run)
+    if (args.probe_at is None) != (args.probe_out is None):
+        build_parser().error("--probe-at and --probe-out go together")
     w = TrainWorker(args)
     try:
         return w.run()

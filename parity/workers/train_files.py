@@ -49,6 +49,25 @@ def nonfinite_weights(adapter) -> List[str]:
     return [k for k, v in adapter.export_weights().items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
 
 
+def nonfinite_error(e: Exception, adapter, epoch: int, iteration: int, step: int) -> Optional[Dict[str, Any]]:
+    """The ``nonfinite`` event of a training step that raised because of NaN / inf (the matcher
+    refuses a non-finite cost), or None when the error has nothing to do with them."""
+    bad_w = nonfinite_weights(adapter)
+    msg = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    if not bad_w and "nan" not in msg.lower() and "inf" not in msg.lower():
+        return None
+    term = "matching cost" if "matching cost" in msg else type(e).__name__
+    return dict(nonfinite_event(adapter, epoch, iteration, step, term, "error", bad_w), error=msg)
+
+
+def nonfinite_event(adapter, epoch: int, iteration: int, step: int, term: str, value: str,
+                    bad_w: Optional[List[str]] = None) -> Dict[str, Any]:
+    """log.json's ``nonfinite``: where, which term, and the weight tensors already poisoned."""
+    bad_w = nonfinite_weights(adapter) if bad_w is None else bad_w
+    return {"epoch": epoch, "iteration": iteration, "step": step, "term": term, "value": value,
+            "nonfinite_weights": len(bad_w), "examples": bad_w[:5]}
+
+
 def epoch_summary(records: Sequence[Dict[str, Any]], epoch: int) -> Dict[str, Any]:
     """Means of every loss term, the total and the grad norm over one epoch's iterations."""
     recs = [r for r in records if r["epoch"] == epoch]
