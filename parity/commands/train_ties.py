@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from parity.commands.train_steps import faults_of
-from parity.errors import RunError
+from parity.errors import EXIT_FAIL, EXIT_OK, RunError
 from parity.fileio import read_json, write_npz
 from parity.judge import decisions as D
 from parity.judge import train_decisions as TD
@@ -54,40 +54,40 @@ def settle(run, thresholds, res: Dict[str, Any], code: int, rejudge: Callable[[]
     if ref is not None:       # does the floor itself hold a divergence? (T64 vs T32, the same comparison)
         record["reference"] = {"label": ref.label, **TD.divergences(ref.dir, base.dir, run.nproc)}
     res["decisions"] = record
+    if res.get("status") == "fail" and info["first"] is not None and ref is None:
+        record["note"] = "no float64 reference side (--no-reference): the divergence cannot be classified"
     if res.get("status") != "fail" or info["first"] is None or ref is None:
         return res, code
     ipe = int(run.plan["iterations_per_epoch"])
-    own_dir, twin_dir = cand.dir, os.path.join(run.out, cand.label + ".follow")
+    twin_dir = os.path.join(run.out, cand.label + ".follow")
+    record["own_dir"] = os.path.basename(cand.dir)
     first, source, check = info["first"], cand.dir, None
-    try:
-        for _ in range(MAX_FOLLOW):
-            i = int(first["iteration"])
-            progress.line(f"  {cand.label} chose differently from {base.label} at iteration {i} "
-                          f"({first['what']}, rank {first['rank']}, image {first['image']}): probing the evidence ...")
-            ev = probe_and_classify(run, source, base, ref, i, ipe, thresholds.tie_k, progress)
-            record["events"].append(ev)
-            progress.line(f"  iteration {i}: {ev['kind']} ({ev['text']})")
-            if ev["kind"] == "flip":
-                check = _check(False, f"{cand.label} at iteration {i}: {ev['text']}")
-                break
-            record["followed"].append(i)
-            progress.line(f"  replaying {cand.label} with {base.label}'s choice at iteration(s) "
-                          f"{', '.join(map(str, record['followed']))} -> {os.path.basename(twin_dir)}/")
-            replay_follow(run, cand, source, twin_dir, record["followed"], base.dir, ipe, progress)
-            source = cand.dir = twin_dir
-            res, code, _ = rejudge()
-            res["decisions"] = record
-            record["replay"] = os.path.basename(twin_dir)
-            after = TD.divergences(twin_dir, base.dir, run.nproc, after=i)
-            record["after_replay"] = after
-            if res.get("status") != "fail" or after["first"] is None:
-                break
-            first = after["first"]
-        else:
-            check = _check(False, f"still failing after following {MAX_FOLLOW} ties "
-                                  f"(iterations {', '.join(map(str, record['followed']))})")
-    finally:
-        record["own_dir"] = os.path.basename(own_dir)
+    for _ in range(MAX_FOLLOW):
+        i = int(first["iteration"])
+        progress.line(f"  {cand.label} chose differently from {base.label} at iteration {i} "
+                      f"({first['what']}, rank {first['rank']}, image {first['image']}): probing the evidence ...")
+        ev = probe_and_classify(run, source, base, ref, i, ipe, thresholds.tie_k, progress)
+        record["events"].append(ev)
+        progress.line(f"  iteration {i}: {ev['kind']} ({ev['text']})")
+        if ev["kind"] == "flip":
+            check = _check(False, f"{cand.label} at iteration {i}: {ev['text']}")
+            break
+        record["followed"].append(i)
+        progress.line(f"  replaying {cand.label} with {base.label}'s choice at iteration(s) "
+                      f"{', '.join(map(str, record['followed']))} -> {os.path.basename(twin_dir)}/")
+        replay_follow(run, cand, source, twin_dir, record["followed"], base.dir, progress)
+        source = cand.dir = twin_dir
+        res, code, _ = rejudge()
+        res["decisions"] = record
+        record["replay"] = os.path.basename(twin_dir)
+        after = TD.divergences(twin_dir, base.dir, run.nproc, after=i)
+        record["after_replay"] = after
+        if res.get("status") != "fail" or after["first"] is None:
+            break          # judged on the replay; a failure left without a divergence is arithmetic
+        first = after["first"]
+    else:
+        check = _check(False, f"still failing after following {MAX_FOLLOW} ties "
+                              f"(iterations {', '.join(map(str, record['followed']))})")
     if check is None:
         n = len(record["followed"])
         check = _check(True, f"{n} tie(s) followed at iteration(s) {', '.join(map(str, record['followed']))}"
@@ -96,7 +96,7 @@ def settle(run, thresholds, res: Dict[str, Any], code: int, rejudge: Callable[[]
     passed = all(c["passed"] for c in res["checks"])
     res["passed"] = passed
     res["status"] = "pass" if passed else "fail"
-    res["exit_code"] = code = 0 if passed else 1
+    res["exit_code"] = code = EXIT_OK if passed else EXIT_FAIL
     return res, code
 
 
@@ -177,7 +177,7 @@ def _jsonable_cls(cls: Dict[str, Any]) -> Dict[str, Any]:
             **({"reason": cls["reason"]} if cls.get("reason") else {})}
 
 
-def replay_follow(run, cand: Side, source: str, twin_dir: str, followed: List[int], base_dir: str, ipe: int,
+def replay_follow(run, cand: Side, source: str, twin_dir: str, followed: List[int], base_dir: str,
                   progress) -> None:
     """The candidate again from its newest checkpoint before the latest tie, taking the base
     side's decisions at every followed iteration."""

@@ -25,6 +25,8 @@ def decisions_section(res: Mapping[str, Any], heading: str, L: List[str]) -> Non
         L.append("")
         L.append(f"The floor's own pair: {ref['label']} chose differently from {base} at {ref.get('diverged', 0)} "
                  f"iteration(s){_first(ref)}.")
+    if d.get("note"):
+        L += ["", d["note"] + "."]
     L.append("")
     events = d.get("events") or []
     if not events:
