@@ -198,3 +198,7 @@ def test_train_stage_on_two_processes_in_float32_classifies_and_follows_the_tie(
     with open(os.path.join(out, "J32.follow", "log.json")) as fh:
         followed = [r["iteration"] for r in json.load(fh)["iterations"] if r.get("followed")]
     assert followed == dec["followed"]
+    # the replay is J32's own run, bit for bit, until the first followed iteration
+    own, replay = _totals(out, "J32"), _totals(out, "J32.follow")
+    k = dec["followed"][0] - 1
+    assert k >= 1 and own[:k] == replay[:k]
