@@ -49,6 +49,8 @@ def settle(run, thresholds, res: Dict[str, Any], code: int, rejudge: Callable[[]
     if run.dtype != "float32" or cand is None or base is None:
         return res, code
     info = TD.divergences(cand.dir, base.dir, run.nproc)
+    if info["compared"] == 0:
+        return res, code          # no decisions logged (a run made before they were)
     record: Dict[str, Any] = {"candidate": cand.label, "base": base.label, "initial": info, "events": [],
                               "followed": [], "replay": None}
     if ref is not None:       # does the floor itself hold a divergence? (T64 vs T32, the same comparison)

@@ -104,6 +104,7 @@ class TrainWorker(SideFiles, Ranks, DecisionLog):
             return
         self.log["peak_rss_mb"] = peak_rss_mb()
         self.log["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.log["timing"]["wall_s_total"] = self.prev_wall + time.perf_counter() - self.t0  # kept current: killed runs
         write_json(os.path.join(self.dir, "log.json"), self.log)
 
     # --- setup -----------------------------------------------------------------------------
@@ -354,7 +355,6 @@ class TrainWorker(SideFiles, Ranks, DecisionLog):
                 self.log["status"] = "completed"
         wall = time.perf_counter() - self.t0
         self.log["timing"]["wall_s"] = wall                     # this invocation
-        self.log["timing"]["wall_s_total"] = self.prev_wall + wall   # over every invocation (resumes)
         self.write_log()
         self.status("done")
 
