@@ -124,6 +124,7 @@ def classify_matches(own: Sequence[np.ndarray], base: Sequence[np.ndarray], cost
 
 
 def overall(images: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per-image classifications -> the worst kind, with that image's gap and noise."""
     order = {"same": 0, "order": 1, "tie": 2, "flip": 3}
     kind = max((im["kind"] for im in images), key=order.__getitem__, default="same")
     worst = max(images, key=lambda im: (order[im["kind"]], im["gap"]), default=None)

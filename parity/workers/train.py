@@ -126,7 +126,7 @@ class TrainWorker(SideFiles, Ranks, DecisionLog):
             return EXIT_OK
         maybe_crash(faults)
         stopped = self.train_epochs(start, nonfinite_at)
-        if self.probed:                 # a probe leaves no log, weights or status behind
+        if self.probed:                 # a probe leaves no log and no weights behind
             return EXIT_OK
         self.finish(stopped)
         return EXIT_OK
