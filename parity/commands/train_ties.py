@@ -146,16 +146,12 @@ def probe_and_classify(run, cand_dir: str, base: Side, ref: Side, i: int, ipe: i
             cls = TD.classify(cand_dec, bp, rp, tie_k)
         cls["rank"] = r
         per_rank.append(cls)
-        if worst is None or _rank_of(cls["kind"]) > _rank_of(worst["kind"]):
+        if worst is None or D.KIND_ORDER[cls["kind"]] > D.KIND_ORDER[worst["kind"]]:
             worst = cls
     if worst is None:
         worst = {"kind": "same", "topk": {"kind": "same"}, "matches": {}, "rank": 0}
     return {"iteration": i, "epoch": epoch, "kind": worst["kind"], "text": describe(worst),
             "ranks": [_jsonable_cls(c) for c in per_rank], "probes": os.path.relpath(root, run.out)}
-
-
-def _rank_of(kind: str) -> int:
-    return {"same": 0, "order": 1, "tie": 2, "flip": 3}[kind]
 
 
 def describe(cls: Dict[str, Any]) -> str:
@@ -205,12 +201,11 @@ def prepare_replay(src: str, dst: str, i: int) -> bool:
     os.makedirs(stage)
     if best is not None:
         shutil.copytree(best, os.path.join(stage, "checkpoints", os.path.basename(best)))
-        for e in TD.side_epochs(src):
-            if e <= best_epoch:
-                for f in sorted(os.listdir(os.path.join(src, "decisions"))):
-                    if f.startswith(f"epoch_{e:04d}."):
-                        os.makedirs(os.path.join(stage, "decisions"), exist_ok=True)
-                        shutil.copy2(os.path.join(src, "decisions", f), os.path.join(stage, "decisions", f))
+        dec = os.path.join(src, "decisions")
+        for f in sorted(os.listdir(dec)) if os.path.isdir(dec) else []:
+            if f.startswith("epoch_") and int(f[6:10]) <= best_epoch:      # every rank's file of those epochs
+                os.makedirs(os.path.join(stage, "decisions"), exist_ok=True)
+                shutil.copy2(os.path.join(dec, f), os.path.join(stage, "decisions", f))
         if os.path.isdir(os.path.join(src, "ranks")):
             shutil.copytree(os.path.join(src, "ranks"), os.path.join(stage, "ranks"))
     shutil.rmtree(dst, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)
+KIND_ORDER = {"same": 0, "order": 1, "tie": 2, "flip": 3}      # the worse kind ranks higher
 
 
 def _inversion_gap(own: np.ndarray, base: np.ndarray, exact: np.ndarray) -> float:
@@ -125,9 +126,8 @@ def classify_matches(own: Sequence[np.ndarray], base: Sequence[np.ndarray], cost
 
 def overall(images: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per-image classifications -> the worst kind, with that image's gap and noise."""
-    order = {"same": 0, "order": 1, "tie": 2, "flip": 3}
-    kind = max((im["kind"] for im in images), key=order.__getitem__, default="same")
-    worst = max(images, key=lambda im: (order[im["kind"]], im["gap"]), default=None)
+    kind = max((im["kind"] for im in images), key=KIND_ORDER.__getitem__, default="same")
+    worst = max(images, key=lambda im: (KIND_ORDER[im["kind"]], im["gap"]), default=None)
     return {"kind": kind, "gap": worst["gap"] if worst else 0.0, "noise": worst["noise"] if worst else 0.0,
             "image": worst["image"] if worst else None, "images": images}
 

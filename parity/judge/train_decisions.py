@@ -174,8 +174,7 @@ def classify(cand: Dict[str, Any], base_probe: Dict[str, np.ndarray], ref_probe:
             cls_images.extend(dict(im, image=i) for im in one["images"])
         out["matches"][call] = D.overall(cls_images)
     kinds = [out["topk"]["kind"]] + [c["kind"] for c in out["matches"].values()]
-    order = {"same": 0, "order": 1, "tie": 2, "flip": 3}
-    out["kind"] = max(kinds, key=order.__getitem__)
+    out["kind"] = max(kinds, key=D.KIND_ORDER.__getitem__)
     return out
 
 
