@@ -50,6 +50,9 @@ JITTOR = {
     "code«IN_SIZE:4«HEADER:\ntemplate <typename T> struct MsdaSample {": "deformable sampling",
     "code«IN_SIZE:1«CODE:\n int k3 = i3*2-1; int k3_ = min(k3 + 3, in0_shape3);": "reductions",   # max pool
     "code«IN_SIZE:1«CODE:something else": "other",
+    "code«IN_SIZE:1«HEADER:\n#define CHANNEL_SUM(R, E)«CODE:\n// op family: normalisation\ntypedef in0_type T;": "normalisation",
+    "code«IN_SIZE:2«CODE:// op family: softmax\ntypedef in0_type T;": "softmax",
+    "code«IN_SIZE:2«CODE:// op family: no-such-family\ntypedef in0_type T;": "other",
     "«opkey0:broadcast_to«opkey1:binary«OP:subtract«opkey2:unary«OP:exp«opkey3:reduce«OP:add": "softmax",
     "«opkey0:broadcast_to«opkey1:binary«OP:subtract«opkey2:unary«OP:exp«opkey3:broadcast_to«opkey4:binary«OP:divide":
         "softmax",

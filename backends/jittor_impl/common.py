@@ -7,6 +7,7 @@ from typing import Dict
 from jittor import nn
 
 from . import framework as fw
+from .conv import Conv2d
 from .framework import jt
 
 
@@ -62,7 +63,7 @@ class ConvNormLayer(nn.Module):
     """conv (no bias by default) -> BatchNorm2d -> act; padding (k-1)//2 unless given."""
 
     def __init__(self, ch_in, ch_out, kernel_size, stride, padding=None, bias=False, act=None):
-        self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride,
+        self.conv = Conv2d(ch_in, ch_out, kernel_size, stride,
                               padding=(kernel_size - 1) // 2 if padding is None else padding,
                               bias=bool(bias))
         self.norm = fw.BatchNorm2d(ch_out)

@@ -40,6 +40,7 @@ import jittor as jt  # noqa: E402
 from jittor import nn  # noqa: E402
 
 jt.flags.cc_flags = jt.flags.cc_flags.replace("-Ofast", "-O2")   # IEEE kernels, like torch
+from . import batchnorm_kernels, softmax_kernels  # noqa: E402  (they import jittor: after the guard)
 
 NAME = "jittor"
 DTYPES = {"float32": jt.float32, "float64": jt.float64}
@@ -322,6 +323,9 @@ class _BatchNormTrain(jt.Function):
 
     def grad(self, g):
         x, weight, mu, invstd = self.saved
+        if batchnorm_kernels.use_kernels():                                 # the same arithmetic
+            dx, sum_g, sum_gx = batchnorm_kernels.backward(g, x, mu, invstd, weight)
+            return dx, sum_gx.cast(weight.dtype), sum_g.cast(weight.dtype), None, None
         c = (1, -1, 1, 1)
         n = scalar(float(x.numel() // x.shape[1]), mu.float64())           # exact count
         xhat = (x - mu.reshape(c)) * invstd.reshape(c)                     # x's dtype
@@ -352,21 +356,29 @@ class BatchNorm2d(nn.Module):
     def execute(self, x: jt.Var) -> jt.Var:
         # x [N, C, H, W]
         if self.is_training():
-            xd = x.float64()
-            mu = mean(xd, [0, 2, 3])
-            var = mean((xd - mu.reshape(1, -1, 1, 1)) ** 2, [0, 2, 3])
+            mu, var = self._moments(x.detach())                            # float64 [C]
             n = x.numel() // x.shape[1]
-            m, keep = scalar(self.momentum, xd), scalar(1 - self.momentum, xd)
-            unbias = scalar(n / max(n - 1, 1), xd)
-            rm = keep * self.running_mean.float64() + m * mu.detach()
-            rv = keep * self.running_var.float64() + m * (var.detach() * unbias)
+            m, keep = scalar(self.momentum, mu), scalar(1 - self.momentum, mu)
+            unbias = scalar(n / max(n - 1, 1), mu)
+            rm = keep * self.running_mean.float64() + m * mu
+            rv = keep * self.running_var.float64() + m * (var * unbias)
             update_(self.running_mean, rm.cast(self.running_mean.dtype))
             update_(self.running_var, rv.cast(self.running_var.dtype))
             self._num_batches_tracked += 1
             invstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
-            return _BatchNormTrain.apply(x, self.weight, self.bias, mu.cast(x.dtype).detach(), invstd.detach())
+            return _BatchNormTrain.apply(x, self.weight, self.bias, mu.cast(x.dtype), invstd.detach())
         invstd = 1.0 / jt.sqrt(self.running_var + scalar(self.eps, self.running_var))
         return _batchnorm_affine(x, self.weight, self.bias, self.running_mean, invstd)
+
+    @staticmethod
+    def _moments(x: jt.Var):
+        """x [N, C, H, W] (detached) -> (mean, biased variance) float64 [C], two passes in
+        double like torch's CPU kernel (on CPU: ``batchnorm_kernels``, the same sums)."""
+        if batchnorm_kernels.use_kernels():
+            return batchnorm_kernels.moments(x)
+        xd = x.float64()
+        mu = mean(xd, [0, 2, 3])
+        return mu, mean((xd - mu.reshape(1, -1, 1, 1)) ** 2, [0, 2, 3])
 
 
 class LayerNorm(nn.Module):
@@ -425,15 +437,26 @@ class MultiheadAttention(nn.Module):
 
     def _probs(self, att, attn_mask):
         """scaled scores [..., L, S] -> attention probabilities (mask, softmax, dropout)."""
+        if softmax_kernels.use_kernel():                  # mask, softmax and backward in one op
+            bool_mask = attn_mask is not None and attn_mask.dtype == jt.bool
+            if attn_mask is not None and not bool_mask:
+                att = att + attn_mask
+            att = softmax_kernels.masked_softmax(att, attn_mask if bool_mask else None)
+        else:
+            att = self._probs_ops(att, attn_mask)
+        if self.dropout > 0 and self.is_training():       # jittor.nn.dropout defaults to eval
+            att = nn.dropout(att, self.dropout, is_train=True)
+        return att
+
+    @staticmethod
+    def _probs_ops(att, attn_mask):
+        """The softmax of ``_probs`` in Jittor ops (CUDA; RTDETR_JITTOR_SOFTMAX=ops)."""
         if attn_mask is not None:
             if attn_mask.dtype == jt.bool:
                 att = jt.where(attn_mask, full_like(att, float("-inf")), att)
             else:
                 att = att + attn_mask
-        att = softmax(att, dim=-1)
-        if self.dropout > 0 and self.is_training():       # jittor.nn.dropout defaults to eval
-            att = nn.dropout(att, self.dropout, is_train=True)
-        return att
+        return softmax(att, dim=-1)
 
     def _attend_batched(self, q, k, v, attn_mask):
         # q [B, L, E], k/v [B, S, E] -> [B, L, E] via [B, H, L, S] scores

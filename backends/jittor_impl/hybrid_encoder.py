@@ -9,6 +9,7 @@ from jittor import nn
 from . import framework as fw
 from .capture import record
 from .common import ConvNormLayer, Dropout, get_activation
+from .conv import Conv2d
 from .framework import jt
 
 
@@ -115,7 +116,7 @@ class HybridEncoder(nn.Module):
         self.out_channels = [hidden_dim for _ in self.in_channels]
         self.out_strides = self.feat_strides
         self.input_proj = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), fw.BatchNorm2d(hidden_dim))
+            nn.Sequential(Conv2d(c, hidden_dim, 1, bias=False), fw.BatchNorm2d(hidden_dim))
             for c in self.in_channels])
         layer = TransformerEncoderLayer(hidden_dim, nhead=nhead, dim_feedforward=dim_feedforward,
                                         dropout=dropout, activation=enc_act)

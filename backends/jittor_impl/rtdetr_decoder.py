@@ -10,6 +10,7 @@ from jittor import nn
 from . import framework as fw
 from .capture import is_recording, note_decision, record, wants_evidence
 from .common import MLP, Dropout, inverse_sigmoid
+from .conv import Conv2d
 from .deformable_attention import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group
 from .framework import jt
@@ -139,12 +140,12 @@ class RTDETRTransformer(nn.Module):
         self.input_proj = nn.ModuleList()
         for c in feat_channels:
             self.input_proj.append(nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(c, self.hidden_dim, 1, bias=False)),
+                ("conv", Conv2d(c, self.hidden_dim, 1, bias=False)),
                 ("norm", fw.BatchNorm2d(self.hidden_dim))])))
         c = feat_channels[-1]
         for _ in range(self.num_levels - len(feat_channels)):
             self.input_proj.append(nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(c, self.hidden_dim, 3, 2, padding=1, bias=False)),
+                ("conv", Conv2d(c, self.hidden_dim, 3, 2, padding=1, bias=False)),
                 ("norm", fw.BatchNorm2d(self.hidden_dim))])))
             c = self.hidden_dim
 

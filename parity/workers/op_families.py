@@ -30,9 +30,12 @@ most one reduction into one loop) is classified by its DOMINANT op, in this orde
 Limits of the Jittor rule (measured on smoke; see the bench report's family table): a fused
 kernel holding work of two families counts whole under its dominant op (e.g. an activation
 fused into a reduction counts as a reduction); Jittor has no normalisation or attention op:
-this project's BatchNorm/LayerNorm (float64 statistics) are reductions + elementwise kernels
-and its attention is matmul + softmax kernels, so those two Jittor rows stay empty; softmax's
-max pass (``reduce(maximum)``) counts as a reduction; sigmoid (``exp(-x)``) is elementwise.
+this project's own ``jt.code`` kernels name their family on their first line (``// op family:
+normalisation`` for the train-mode BatchNorm statistics and backward, ``softmax`` for the
+attention softmax); the BatchNorm affine step, eval-mode BatchNorm and LayerNorm stay
+elementwise + reduction kernels, and attention is matmul + softmax kernels, so the Jittor
+attention row stays empty; a softmax written in ops has its max pass (``reduce(maximum)``)
+counted as a reduction; sigmoid (``exp(-x)``) is elementwise.
 A fused op that Jittor relays to a library kernel (the op behind an ``mkl_conv``, key
 ``...choices:relay0:1``) reports 0 ms (the library kernel has the time) and is left out.
 
@@ -138,6 +141,7 @@ _J_SINGLE = {
 _DATA_ONLY = {"broadcast_to", "array", "reshape", "unary(cast)"}
 _MSDA_MARK = "MsdaSample"          # the fused deformable-attention kernels (backends/jittor_impl/deformable_attention.py)
 _POOL_MARK = "k3_ = min(k3 +"      # the window loop of jittor/pool.py's code kernels (max / avg pooling)
+_FAMILY_MARK = "// op family: "    # first line of this project's own jt.code kernels (batchnorm, softmax)
 
 
 def strip_marks(key: str) -> str:
@@ -181,6 +185,9 @@ def jittor_family(key: str) -> str:
         if head == "code":
             if _MSDA_MARK in key:
                 return "deformable sampling"
+            if _FAMILY_MARK in key:
+                family = key.split(_FAMILY_MARK, 1)[1].split("\n", 1)[0].strip()
+                return family if family in FAMILIES else "other"
             return "reductions" if _POOL_MARK in key else "other"
         return _J_SINGLE.get(head, "other")
     return _fused_family(ops)
