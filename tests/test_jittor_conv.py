@@ -49,6 +49,8 @@ CASES = [  # (N, C, H, W, O, k, stride, pad, bias, route)
     (2, 3, 16, 21, 8, 3, 2, 1, True, "im2col"),
     (2, 3, 10, 11, 5, 3, 1, 1, False, "im2col"),
     (2, 40, 9, 12, 6, 1, 2, 0, True, "im2col"),       # 1x1 stride 2 (ResNet a/b shortcuts)
+    (2, 24, 5, 7, 40, 3, 1, 1, False, "im2col"),      # a small map: 40 channels >= 35 pixels
+    (1, 24, 9, 7, 40, 3, 2, 1, True, "im2col"),       # stride 2: 5 x 4 output pixels
 ]
 
 
@@ -79,7 +81,7 @@ def test_gemm_route_matches_float64_and_mkl_conv(n, c, h, w, o, k, stride, pad, 
 
 def test_routes_left_to_mkl_conv(monkeypatch):
     rng = np.random.default_rng(0)
-    wide = _module(64, 8, 3, 1, 1, False, rng)                             # 576 im2col rows
+    wide = _module(64, 8, 3, 1, 1, False, rng)                             # 576 rows, 8 < 36 pixels
     x32 = fw.from_numpy(rng.normal(0, 1, (1, 64, 6, 6)), "float32")
     assert jconv._route(wide, x32) == "mkl"
     one = _module(16, 8, 1, 1, 0, False, rng)

@@ -34,6 +34,7 @@ def test_import_guard_and_O2():
         assert os.environ.get("nvcc_path") == ""
         assert not jt.flags.use_cuda
     assert "-Ofast" not in jt.flags.cc_flags and "-O2" in jt.flags.cc_flags
+    assert "-ffast-math" not in jt.flags.cc_flags and "-fvect-cost-model=dynamic" in jt.flags.cc_flags
 
 
 def test_ieee_kernels_like_torch():
