@@ -20,7 +20,7 @@ class SiLU(nn.Module):
 
 class ReLU(nn.Module):
     def execute(self, x):
-        return nn.relu(x)
+        return fw.relu(x)
 
 
 class GELU(nn.Module):

@@ -109,6 +109,9 @@ def mean(x: jt.Var, dims, keepdims: bool = False) -> jt.Var:
     return x.sum(dims=dims, keepdims=keepdims) / count
 
 
+no_grad = jt.no_grad      # torch.no_grad: ops built inside record no graph for a backward
+
+
 def constant(a, dtype: Optional[str] = None) -> jt.Var:
     """A Var that never receives gradients (anchors, masks, targets)."""
     return from_numpy(a, dtype).stop_grad()
@@ -195,6 +198,22 @@ class _GELU(jt.Function):
         x = self.x
         pdf = jt.exp(x * x * -0.5) * scalar(1.0 / np.sqrt(2.0 * np.pi), x)
         return g * (self.cdf + x * pdf)
+
+
+class _ReLU(jt.Function):
+    """max(x, 0) as ``nn.relu`` computes it; the backward keeps only the output (torch's
+    threshold_backward: g where y > 0), so the input can be freed after the forward."""
+
+    def execute(self, x):
+        self.y = nn.relu(x).stop_grad()
+        return self.y
+
+    def grad(self, g):
+        return jt.ternary(self.y > 0, g, jt.zeros_like(g))
+
+
+def relu(x: jt.Var) -> jt.Var:
+    return _ReLU()(x)
 
 
 def gelu(x: jt.Var) -> jt.Var:
