@@ -64,8 +64,8 @@ class ConvNormLayer(nn.Module):
 
     def __init__(self, ch_in, ch_out, kernel_size, stride, padding=None, bias=False, act=None):
         self.conv = Conv2d(ch_in, ch_out, kernel_size, stride,
-                              padding=(kernel_size - 1) // 2 if padding is None else padding,
-                              bias=bool(bias))
+                           padding=(kernel_size - 1) // 2 if padding is None else padding,
+                           bias=bool(bias))
         self.norm = fw.BatchNorm2d(ch_out)
         self.act = get_activation(act)
 

@@ -35,7 +35,9 @@ normalisation`` for the train-mode BatchNorm statistics and backward, ``softmax`
 attention softmax); the BatchNorm affine step, eval-mode BatchNorm and LayerNorm stay
 elementwise + reduction kernels, and attention is matmul + softmax kernels, so the Jittor
 attention row stays empty; a softmax written in ops has its max pass (``reduce(maximum)``)
-counted as a reduction; sigmoid (``exp(-x)``) is elementwise.
+counted as a reduction; sigmoid (``exp(-x)``) is elementwise.  The convolutions this backend
+runs as one GEMM (backends/jittor_impl/conv.py: 1x1, the stem, small maps) are ``mkl_matmul``
+kernels and count as matmul, where torch's count as convolution: compare the two families' sum.
 A fused op that Jittor relays to a library kernel (the op behind an ``mkl_conv``, key
 ``...choices:relay0:1``) reports 0 ms (the library kernel has the time) and is left out.
 
