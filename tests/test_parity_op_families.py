@@ -52,6 +52,7 @@ JITTOR = {
     "code«IN_SIZE:1«CODE:something else": "other",
     "code«IN_SIZE:1«HEADER:\n#define CHANNEL_SUM(R, E)«CODE:\n// op family: normalisation\ntypedef in0_type T;": "normalisation",
     "code«IN_SIZE:2«CODE:// op family: softmax\ntypedef in0_type T;": "softmax",
+    "code«IN_SIZE:257«HEADER:#include <cmath>\n«CODE:// op family: optimiser\ntypedef in1_type T;": "optimiser",
     "code«IN_SIZE:2«CODE:// op family: no-such-family\ntypedef in0_type T;": "other",
     "«opkey0:broadcast_to«opkey1:binary«OP:subtract«opkey2:unary«OP:exp«opkey3:reduce«OP:add": "softmax",
     "«opkey0:broadcast_to«opkey1:binary«OP:subtract«opkey2:unary«OP:exp«opkey3:broadcast_to«opkey4:binary«OP:divide":

@@ -43,7 +43,7 @@ import jittor as jt  # noqa: E402
 from jittor import nn  # noqa: E402
 
 jt.flags.cc_flags = jt.flags.cc_flags.replace("-Ofast", "-O2 -fvect-cost-model=dynamic")   # IEEE kernels, like torch
-from . import batchnorm_kernels, softmax_kernels  # noqa: E402  (they import jittor: after the guard)
+from . import activation_kernels, batchnorm_kernels, optim_kernels, softmax_kernels  # noqa: E402  (they import jittor: after the guard)
 
 NAME = "jittor"
 DTYPES = {"float32": jt.float32, "float64": jt.float64}
@@ -162,6 +162,9 @@ class _Sigmoid(jt.Function):
     """Stable sigmoid, torch's gradient y (1 - y).  Jittor's returns 9.36e-14 for x < -30."""
 
     def execute(self, x):
+        if activation_kernels.use_kernel():      # the same expression, OpenMP
+            self.y = activation_kernels.sigmoid(x).stop_grad()
+            return self.y
         e = jt.exp(-jt.abs(x))                   # in (0, 1]: never overflows
         self.y = jt.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).stop_grad()
         return self.y
@@ -529,7 +532,7 @@ class AdamW:
         self.state = {}                     # name -> {"step", "exp_avg", "exp_avg_sq"}
 
     def step(self, grads) -> None:
-        touched = []
+        touched, fused, states = [], [], []
         for g in self.param_groups:
             lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
             b1, b2 = g["betas"]
@@ -541,13 +544,26 @@ class AdamW:
                                                   "exp_avg_sq": jt.zeros_like(p).stop_grad()})
                 st["step"] += 1
                 t = st["step"]
+                # (1 - b1, b2, 1 - b2, sqrt(1 - b2^t), eps, 1 - lr wd, lr / (1 - b1^t))
+                s = (1 - b1, b2, 1 - b2, float(np.sqrt(1 - b2 ** t)), eps, 1 - lr * wd, lr / (1 - b1 ** t))
+                if optim_kernels.use_kernel():             # many parameters per op, below
+                    fused.append((p, grad, st["exp_avg"], st["exp_avg_sq"], s))
+                    states.append(st)
+                    continue
                 c = lambda v: scalar(v, p)                                   # exact in float64
-                m = st["exp_avg"] + (grad - st["exp_avg"]) * c(1 - b1)       # lerp, as torch
-                v = st["exp_avg_sq"] * c(b2) + grad * grad * c(1 - b2)
-                denom = jt.sqrt(v) / c(float(np.sqrt(1 - b2 ** t))) + c(eps)
-                new = p * c(1 - lr * wd) - m / denom * c(lr / (1 - b1 ** t))  # decay, then step
-                update_(p, new)
-                update_(st["exp_avg"], m)
-                update_(st["exp_avg_sq"], v)
-                touched += [p, st["exp_avg"], st["exp_avg_sq"]]
+                m = st["exp_avg"] + (grad - st["exp_avg"]) * c(s[0])         # lerp, as torch
+                v = st["exp_avg_sq"] * c(s[1]) + grad * grad * c(s[2])
+                denom = jt.sqrt(v) / c(s[3]) + c(s[4])
+                new = p * c(s[5]) - m / denom * c(s[6])                      # decay, then step
+                self._store(p, st, new, m, v, touched)
+        if fused:
+            for (p, *_), st, (new, m, v) in zip(fused, states, optim_kernels.adamw_update(fused)):
+                self._store(p, st, new, m, v, touched)
         jt.sync(touched)
+
+    @staticmethod
+    def _store(p, st, new, m, v, touched) -> None:
+        update_(p, new)
+        update_(st["exp_avg"], m)
+        update_(st["exp_avg_sq"], v)
+        touched += [p, st["exp_avg"], st["exp_avg_sq"]]

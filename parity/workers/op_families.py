@@ -143,7 +143,7 @@ _J_SINGLE = {
 _DATA_ONLY = {"broadcast_to", "array", "reshape", "unary(cast)"}
 _MSDA_MARK = "MsdaSample"          # the fused deformable-attention kernels (backends/jittor_impl/deformable_attention.py)
 _POOL_MARK = "k3_ = min(k3 +"      # the window loop of jittor/pool.py's code kernels (max / avg pooling)
-_FAMILY_MARK = "// op family: "    # first line of this project's own jt.code kernels (batchnorm, softmax)
+_FAMILY_MARK = "// op family: "    # first line of this project's own jt.code kernels (batchnorm, softmax, optimiser)
 
 
 def strip_marks(key: str) -> str:

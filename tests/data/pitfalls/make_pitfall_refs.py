@@ -114,6 +114,31 @@ def adamw_clip():
          **{f"g{s}_{i}": grads[s][i] for s in range(3) for i in range(3)}, **out, norms=np.array(norms))
 
 
+def adamw_update():
+    """One AdamW step from a given state (step 3), 2 groups, float32 and float64, 2 x 2,053
+    values per dtype (odd lengths: vector tails): the kernel of
+    backends/jittor_impl/optim_kernels.py follows torch's arithmetic."""
+    rng = np.random.default_rng(11)
+    out = {}
+    for dt in ("float32", "float64"):
+        p0 = [rng.normal(0, 1, 2053).astype(dt) for _ in range(2)]
+        g = [rng.normal(0, 1, 2053).astype(dt) for _ in range(2)]
+        m0 = [rng.normal(0, 0.1, 2053).astype(dt) for _ in range(2)]
+        v0 = [(rng.random(2053) * 0.01).astype(dt) for _ in range(2)]
+        ps = [nn.Parameter(t(a.copy())) for a in p0]
+        opt = torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-3, "weight_decay": 0.0}],
+                                lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+        for i, p in enumerate(ps):
+            p.grad = t(g[i].copy())
+            opt.state[p] = {"step": torch.tensor(2.0), "exp_avg": t(m0[i].copy()), "exp_avg_sq": t(v0[i].copy())}
+        opt.step()
+        for i, p in enumerate(ps):
+            out.update({f"{dt}_p0_{i}": p0[i], f"{dt}_g_{i}": g[i], f"{dt}_m0_{i}": m0[i], f"{dt}_v0_{i}": v0[i],
+                        f"{dt}_p_{i}": p.detach().clone(), f"{dt}_m_{i}": opt.state[p]["exp_avg"],
+                        f"{dt}_v_{i}": opt.state[p]["exp_avg_sq"]})
+    save("adamw_update", **out)
+
+
 def load_cast():
     """torch load_state_dict copies a float64 array into a float32 parameter (cast)."""
     a = np.random.default_rng(5).normal(0, 1, (4, 3)) * (1 + 1e-9)
@@ -335,7 +360,7 @@ def float64_constants():
          **{f"g{k}_{i}": grads[k][i] for k in range(3) for i in range(2)}, **steps, norms=np.array(norms))
 
 
-ALL = (ieee, batchnorm, layernorm, eval_grads, adamw_clip, load_cast, float64, interpolate, embedding,
+ALL = (ieee, batchnorm, layernorm, eval_grads, adamw_clip, adamw_update, load_cast, float64, interpolate, embedding,
        topk_max, mha, losses_elementwise, sigmoid_family, boundary_grads, grid_sample_core, elementwise,
        float64_constants)
 
