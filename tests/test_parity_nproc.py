@@ -181,25 +181,37 @@ def test_train_stage_on_two_processes_equals_one_process_in_float64(tmp_path):
 
 
 def test_train_stage_on_two_processes_in_float32_classifies_and_follows_the_tie(tmp_path):
-    """The float32 counterpart (the default dtype) passes within the floor.  On this data J32
-    resolves a near-tie the other way at iteration 4 (a matching choice on rank 1, whose cost
-    gap is below the float32 noise): it is classified as a tie from T32 / T64 probes, J32 is
-    replayed taking T32's choice there, and the run is judged on that replay.
+    """The float32 counterpart (the default dtype) passes within the floor, and every
+    discrete decision J32 takes apart from T32 is classified and, when it is J32's own,
+    followed.
 
-    The tie is a property of J32's exact float32 arithmetic: with the CPU kernels of issue 19
-    (GEMM convolutions, BatchNorm and softmax kernels) J32 happens to take T32's choice on
-    this data and the run passes with nothing to follow.  So the run uses the Jittor-ops
-    formulation (the documented reference switches), which reproduces the recorded tie bit
-    for bit (gap 1.4e-4 against a noise of 2.4e-4)."""
+    Which near-ties J32 lands on the other side of is a property of its exact float32
+    arithmetic on the host CPU (backends/jittor_pitfalls.md section 18).  With the Jittor-ops
+    formulation (the documented reference switches) on the Intel Xeon host the test was
+    recorded on, J32 resolves a matching choice at iteration 4 on rank 1 the other way (cost
+    gap 1.4e-4 against a noise of 2.4e-4): it is classified as a tie from T32 / T64 probes,
+    J32 is replayed taking T32's choice there, and the run is judged on that replay.  On the
+    AMD EPYC host of 2026-12-05 the same run diverges from T32 only where T64 does too
+    (T32's own near-ties, iterations 7-8): no event, nothing to follow, and the run passes.
+    Both outcomes are checked; any other (a flip, an unfollowed event, a FAIL) fails."""
     out = str(tmp_path / "f32")
-    ops_path = {"RTDETR_JITTOR_CONV": "mkl", "RTDETR_JITTOR_BN": "ops", "RTDETR_JITTOR_SOFTMAX": "ops"}
+    ops_path = {"RTDETR_JITTOR_CONV": "mkl", "RTDETR_JITTOR_BN": "ops", "RTDETR_JITTOR_SOFTMAX": "ops",
+                "RTDETR_JITTOR_OPTIM": "ops", "RTDETR_JITTOR_ACT": "ops"}
     r = parity("run", "--stage", "train", "--nproc", "2", "--config", "smoke", "--epochs", "2",
                "--limit-images", "8", "--out", out, env_extra=ops_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = _result(out)
     dec = res["decisions"]
-    assert {c["check"]: c for c in res["checks"]}["decisions"]["passed"]
-    assert dec["events"] and all(e["kind"] in ("order", "tie") for e in dec["events"])
+    checks = {c["check"]: c for c in res["checks"]}
+    assert res["passed"] and dec["candidate"] == "J32" and dec["initial"]["compared"] == 16
+    if not dec["events"]:
+        # J32 never took a decision of its own: the divergences from T32 are T32's (T64 shares them)
+        assert "decisions" not in checks and dec["followed"] == [] and dec["replay"] is None
+        assert set(dec["initial"]["diverged_iterations"]) <= set(dec["reference"]["diverged_iterations"])
+        assert not os.path.exists(os.path.join(out, "J32.follow"))
+        return
+    assert checks["decisions"]["passed"]
+    assert all(e["kind"] in ("order", "tie") for e in dec["events"])
     assert dec["followed"] == [e["iteration"] for e in dec["events"]]
     assert dec["replay"] == "J32.follow" and res["sides"][1]["label"] == "J32"
     with open(os.path.join(out, "J32.follow", "log.json")) as fh:
