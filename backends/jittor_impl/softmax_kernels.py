@@ -45,8 +45,10 @@ for (long r = 0; r < R; r++) {
         const T v = blocked[s] ? NEG_INF : x[s];
         m = v > m ? v : m;
     }
-    // the exponentials in one loop (vectorised in float32), then the sum in index order
-    for (long s = 0; s < S; s++) y[s] = exp_nonpos((blocked[s] ? NEG_INF : x[s]) - m);
+    // the exponentials in a loop of their own (g++ vectorises it in float32; not with the
+    // masked load of x in it), then the sum in index order
+    for (long s = 0; s < S; s++) y[s] = (blocked[s] ? NEG_INF : x[s]) - m;
+    for (long s = 0; s < S; s++) y[s] = exp_nonpos(y[s]);
     T sum = 0;
     for (long s = 0; s < S; s++) sum += y[s];
     for (long s = 0; s < S; s++) y[s] = y[s] / sum;
