@@ -188,7 +188,11 @@ class Adapter:
         named = trainable_parameters(self.model)
         skip = self._unused(out)
         names = [n for n in named if n not in skip]
-        gs = jt.grad(total, [named[n] for n in names])
+        # retain_graph=False, as jittor.optim does: jt.grad's default (True) keeps every backward
+        # tensor between a parameter and a held gradient alive for a second-order grad (the
+        # activation gradient each conv's weight gradient reads stays until the step ends);
+        # r18vd at 640: +1 activation per conv layer at the training peak (pitfalls 22)
+        gs = jt.grad(total, [named[n] for n in names], retain_graph=False)
         grads = OrderedDict((n, None) for n in named)
         grads.update(zip(names, gs))
         return average_gradients(grads)
