@@ -7,6 +7,7 @@ import pytest
 
 from backends.jittor_impl import batchnorm_kernels as bk
 from backends.jittor_impl import framework as fw
+from backends.jittor_impl.normalization import BatchNorm2d
 
 jt = fw.jt
 pytestmark = pytest.mark.jittor
@@ -17,7 +18,7 @@ SHAPES = [(2, 5, 7, 9), (1, 3, 1, 1), (3, 4, 5, 3), (1, 6, 33, 17)]
 def _train_step(impl, dtype, x_np, g_np, w_np, b_np, monkeypatch):
     """(y, dx, dweight, dbias, running_mean, running_var) of one train-mode call."""
     monkeypatch.setattr(bk, "BN_IMPL", impl)
-    bn = fw.BatchNorm2d(x_np.shape[1])
+    bn = BatchNorm2d(x_np.shape[1])
     fw.assign(bn.weight, w_np, dtype)
     fw.assign(bn.bias, b_np, dtype)
     fw.assign(bn.running_mean, np.zeros(x_np.shape[1]), dtype)

@@ -12,16 +12,17 @@ pytestmark = pytest.mark.jittor
 
 from backends.jittor_impl import optim_kernels as ok  # noqa: E402
 from backends.jittor_impl import framework as fw  # noqa: E402
+from backends.jittor_impl.optim import AdamW  # noqa: E402
 
 jt = fw.jt
 DATA = os.path.join(os.path.dirname(__file__), "data", "pitfalls")
 
 
 def _torch_case(dtype):
-    """fw.AdamW on the recorded state (step 2 done) -> (ours {p, m, v} x 2, torch's)."""
+    """AdamW on the recorded state (step 2 done) -> (ours {p, m, v} x 2, torch's)."""
     r = np.load(os.path.join(DATA, "adamw_update.npz"))
     ps = [fw.from_numpy(r[f"{dtype}_p0_{i}"]) for i in range(2)]
-    opt = fw.AdamW([{"names": ["a"], "params": ps[:1]},
+    opt = AdamW([{"names": ["a"], "params": ps[:1]},
                     {"names": ["b"], "params": ps[1:], "lr": 3e-3, "weight_decay": 0.0}],
                    lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     for i, n in enumerate("ab"):
@@ -61,7 +62,7 @@ def _three_steps(dtype, impl, monkeypatch):
     r = np.random.default_rng(1)
     ps = [fw.from_numpy(r.standard_normal(s).astype(dtype)) for s in shapes]
     names = [f"p{i}" for i in range(len(ps))]
-    opt = fw.AdamW([{"names": names[:30], "params": ps[:30], "weight_decay": 0.05},
+    opt = AdamW([{"names": names[:30], "params": ps[:30], "weight_decay": 0.05},
                     {"names": names[30:], "params": ps[30:], "lr": 1e-3, "weight_decay": 0.0}],
                    lr=0.1, weight_decay=1e-4)
     for step in range(3):
@@ -94,7 +95,7 @@ def test_kernel_is_one_op_per_chunk(monkeypatch):
     r = np.random.default_rng(2)
     ps = [fw.from_numpy(r.standard_normal(s).astype("float32")) for s in shapes]
     names = [f"p{i}" for i in range(len(ps))]
-    opt = fw.AdamW([{"names": names, "params": ps}], lr=0.1)
+    opt = AdamW([{"names": names, "params": ps}], lr=0.1)
     grads = {n: fw.from_numpy(r.standard_normal(shapes[i]).astype("float32")) for i, n in enumerate(names)}
     jt.sync(list(grads.values()))
     with jt.profile_scope() as report:

@@ -1,4 +1,5 @@
-"""Each Jittor-vs-PyTorch pitfall handled in backends/jittor_impl/framework.py, checked
+"""Each Jittor-vs-PyTorch pitfall handled in backends/jittor_impl/framework.py (and
+normalization.py, attention.py, optim.py), checked
 against PyTorch values recorded by tests/data/pitfalls/make_pitfall_refs.py."""
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 from conftest import DATA, REPO
 
 from backends.jittor_impl import framework as fw
+from backends.jittor_impl.attention import MultiheadAttention
+from backends.jittor_impl.normalization import BatchNorm2d, LayerNorm
+from backends.jittor_impl.optim import AdamW
 
 jt = fw.jt
 pytestmark = pytest.mark.jittor
@@ -48,7 +52,7 @@ def test_ieee_kernels_like_torch():
 
 def test_batchnorm_two_pass_unbiased_and_counter():
     r = ref("batchnorm")
-    bn = fw.BatchNorm2d(8)
+    bn = BatchNorm2d(8)
     for k in ("w", "b", "rm", "rv"):
         fw.assign({"w": bn.weight, "b": bn.bias, "rm": bn.running_mean, "rv": bn.running_var}[k], r[k], "float32")
     assert list(bn.state_dict()) + ["num_batches_tracked"] == list(r["keys"])
@@ -70,7 +74,7 @@ def test_batchnorm_two_pass_unbiased_and_counter():
 
 def test_layernorm_two_pass():
     r = ref("layernorm")
-    ln = fw.LayerNorm(16)
+    ln = LayerNorm(16)
     fw.assign(ln.weight, r["w"], "float32")
     fw.assign(ln.bias, r["b"], "float32")
     x = v(r["x"])
@@ -108,7 +112,7 @@ def test_adamw_and_clip_like_torch():
     r = ref("adamw_clip")
     ps = [fw.from_numpy(r[f"p0_{i}"]) for i in range(3)]
     names = ["a", "b", "c"]
-    opt = fw.AdamW([{"names": names[:2], "params": ps[:2], "weight_decay": 0.05},
+    opt = AdamW([{"names": names[:2], "params": ps[:2], "weight_decay": 0.05},
                     {"names": names[2:], "params": ps[2:], "lr": 1e-3, "weight_decay": 0.0}],
                    lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     from backends.jittor_impl.optim import clip_grad_norm
@@ -193,7 +197,7 @@ def test_topk_and_max_conventions():
 
 def test_multihead_attention_bool_mask():
     r = ref("mha")
-    m = fw.MultiheadAttention(8, 2, batch_first=True)
+    m = MultiheadAttention(8, 2, batch_first=True)
     for var, k in ((m.in_proj_weight, "w_in"), (m.in_proj_bias, "b_in"), (m.out_proj.weight, "w_out"),
                    (m.out_proj.bias, "b_out")):
         fw.assign(var, r[k], "float32")
@@ -221,12 +225,12 @@ def test_multihead_attention_matmuls_are_gemms(monkeypatch):
     ``mkl_matmul`` (the 4-D form had none: broadcast-multiply-reduce)."""
     rng = np.random.default_rng(0)
     b, length, e, h = 2, 7, 8, 2
-    m = fw.MultiheadAttention(e, h)
+    m = MultiheadAttention(e, h)
     for var in (m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias):
         fw.assign(var, rng.normal(0, 0.5, var.shape), "float32")
     q, g = v(rng.normal(0, 1, (b, length, e)), "float32"), v(rng.normal(0, 1, (b, length, e)), "float32")
     per_head = _gemm_calls(m, q, g)
-    monkeypatch.setattr(fw.MultiheadAttention, "_attend_2d", fw.MultiheadAttention._attend_batched)
+    monkeypatch.setattr(MultiheadAttention, "_attend_2d", MultiheadAttention._attend_batched)
     batched = _gemm_calls(m, q, g)
     assert per_head - batched == 6 * b * h
 
@@ -322,7 +326,7 @@ def test_float64_constants_are_exact():
     r = ref("float64_constants")
     tight = dict(atol=0, rtol=1e-12)
     # BatchNorm2d, train mode, two momentum updates; value and gradients
-    bn = fw.BatchNorm2d(3)
+    bn = BatchNorm2d(3)
     for n in ("weight", "bias", "running_mean", "running_var"):
         fw.assign(getattr(bn, n), fw.to_numpy(getattr(bn, n)), "float64")
     x = v(r["bn_x"])
@@ -341,12 +345,12 @@ def test_float64_constants_are_exact():
     close(ge, r["gelu_y"], atol=1e-14)
     close(jt.grad(ge.sum(), g), r["gelu_g"], atol=1e-14)
     # LayerNorm eps
-    ln = fw.LayerNorm(6)
+    ln = LayerNorm(6)
     for n in ("weight", "bias"):
         fw.assign(getattr(ln, n), fw.to_numpy(getattr(ln, n)), "float64")
     close(ln(v(r["ln_x"])), r["ln_y"], atol=1e-12)
     # attention scale 1/sqrt(8)
-    mha = fw.MultiheadAttention(24, 3)
+    mha = MultiheadAttention(24, 3)
     fw.assign(mha.in_proj_weight, r["mha_in_proj_weight"], "float64")
     fw.assign(mha.in_proj_bias, r["mha_in_proj_bias"], "float64")
     fw.assign(mha.out_proj.weight, r["mha_out_proj_weight"], "float64")
@@ -358,7 +362,7 @@ def test_float64_constants_are_exact():
     # AdamW + clip_grad_norm, 3 steps, group overrides
     from backends.jittor_impl.optim import clip_grad_norm
     ps = [v(r[f"p0_{i}"]) for i in range(2)]
-    opt = fw.AdamW([{"names": ["a"], "params": ps[:1]},
+    opt = AdamW([{"names": ["a"], "params": ps[:1]},
                     {"names": ["b"], "params": ps[1:], "lr": 3e-4, "weight_decay": 0.0}],
                    lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     for s in range(3):

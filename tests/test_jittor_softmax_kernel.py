@@ -7,6 +7,7 @@ import pytest
 
 from backends.jittor_impl import framework as fw
 from backends.jittor_impl import softmax_kernels as sk
+from backends.jittor_impl.attention import MultiheadAttention
 
 jt = fw.jt
 pytestmark = pytest.mark.jittor
@@ -22,7 +23,7 @@ def _numpy_softmax(x, mask, g):
 
 def _run(impl, x_np, mask_np, g_np, dtype, monkeypatch):
     monkeypatch.setattr(sk, "SOFTMAX_IMPL", impl)
-    m = fw.MultiheadAttention(4, 1)
+    m = MultiheadAttention(4, 1)
     x, g = fw.from_numpy(x_np, dtype), fw.from_numpy(g_np, dtype)
     mask = None if mask_np is None else fw.constant(mask_np)
     y = m._probs(x, mask)
@@ -62,7 +63,7 @@ def test_fully_blocked_row_is_nan_like_the_ops_path(monkeypatch):
 
 def test_attention_uses_the_kernel_and_is_deterministic(monkeypatch):
     rng = np.random.default_rng(3)
-    m = fw.MultiheadAttention(8, 2)
+    m = MultiheadAttention(8, 2)
     for var in (m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias):
         fw.assign(var, rng.normal(0, 0.5, var.shape), "float32")
     q = fw.from_numpy(rng.normal(0, 1, (2, 6, 8)), "float32")

@@ -128,7 +128,7 @@ def test_forward_share_decisions_covers_both_passes(root):
 def test_smoke_batch1_grad_float64(root):
     """Batch size 1 (the reference experiment's): torch 2.13's CPU BatchNorm backward gets a
     channels-last grad_output at batch 1 and was 3x off on the decoder input projections
-    until backends/torch_impl/framework.BatchNorm2d handed it a dense gradient; Jittor was
+    until backends/torch_impl/normalization.BatchNorm2d handed it a dense gradient; Jittor was
     right.  float64: every gradient and the optimiser step agree (<= 1e-7 / 1e-9)."""
     rc, out, err, res = parity_run(root, "batch1", "--batch-size", "1", stage="grad", dtype="float64")
     assert rc == 0, _explain(rc, out, err, res)

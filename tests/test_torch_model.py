@@ -310,7 +310,7 @@ def test_batchnorm_backward_strided_grad(batch):
     """torch 2.13's CPU BatchNorm backward is wrong when grad_output is channels-last with a
     non-canonical batch stride (legal at batch 1: what flatten(2).permute(0, 2, 1) + cat
     send back from the decoder memory).  The backend's BatchNorm2d gets it right."""
-    from backends.torch_impl.framework import BatchNorm2d
+    from backends.torch_impl.normalization import BatchNorm2d
     g = torch.Generator().manual_seed(0)
     c, h, w, extra = 8, 4, 4, 5
     x = torch.randn(batch, c, h, w, dtype=torch.float64, generator=g)

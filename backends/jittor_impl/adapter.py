@@ -18,7 +18,7 @@ from .distributed import World, average_gradients, convert_sync_batchnorm, init_
 from .ema import ModelEMA
 from .framework import jt
 from .matcher import HungarianMatcher
-from .optim import (build_optimizer, build_param_groups, clip_grad_norm, export_optimizer_state,
+from .optim import (AdamW, build_optimizer, build_param_groups, clip_grad_norm, export_optimizer_state,
                     load_optimizer_state, parse_optimizer_state, trainable_parameters)
 from .postprocessor import RTDETRPostProcessor
 from .rtdetr import build_model, check_against_spec
@@ -74,7 +74,7 @@ class Adapter:
                                       eos_coef=c.eos_coef, num_classes=self.cfg.num_classes)
         self.postprocessor = RTDETRPostProcessor(self.cfg.num_classes, self.cfg.postprocess.use_focal_loss,
                                                  self.cfg.postprocess.num_top_queries)
-        self.optimizer: Optional[fw.AdamW] = None
+        self.optimizer: Optional[AdamW] = None
         self.ema: Optional[ModelEMA] = None
         self.world = World()
 

@@ -1,4 +1,4 @@
-"""CPU kernels for the train-mode reductions of ``framework.BatchNorm2d``.
+"""CPU kernels for the train-mode reductions of ``normalization.BatchNorm2d``.
 
 torch's CPU BatchNorm accumulates its channel sums in double (``at::acc_type<float, false>``),
 two passes for the variance, and its backward is the analytic one.  Written with Jittor

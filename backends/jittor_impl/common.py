@@ -9,6 +9,7 @@ from jittor import nn
 from . import framework as fw
 from .conv import Conv2d
 from .framework import jt
+from .normalization import BatchNorm2d
 
 
 class SiLU(nn.Module):
@@ -66,7 +67,7 @@ class ConvNormLayer(nn.Module):
         self.conv = Conv2d(ch_in, ch_out, kernel_size, stride,
                            padding=(kernel_size - 1) // 2 if padding is None else padding,
                            bias=bool(bias))
-        self.norm = fw.BatchNorm2d(ch_out)
+        self.norm = BatchNorm2d(ch_out)
         self.act = get_activation(act)
 
     def execute(self, x):
@@ -116,13 +117,13 @@ def bias_init_with_prob(prior_prob: float = 0.01) -> float:
     return float(-math.log((1 - prior_prob) / prior_prob))
 
 
-def named_batchnorms(model) -> Dict[str, fw.BatchNorm2d]:
+def named_batchnorms(model) -> Dict[str, BatchNorm2d]:
     """state_dict prefix -> BatchNorm2d module (holder of num_batches_tracked)."""
     out, stack = {}, []
 
     def cb(parents, k, m, n):
         stack.append(str(k))
-        if isinstance(m, fw.BatchNorm2d):
+        if isinstance(m, BatchNorm2d):
             out[".".join(stack[1:])] = m
 
     model.dfs([], None, cb, lambda *a: stack.pop())

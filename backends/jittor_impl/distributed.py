@@ -12,7 +12,7 @@ the same there (``average_gradients``).
 * ``all_reduce_sum``: a Python number summed over ranks (box counts).
 * ``SyncBatchNorm2d``: Jittor's own ``nn.BatchNorm`` syncs under MPI from E[x] and E[x^2]
   (float32, and it assumes equal shards), but this backend has its own BatchNorm2d
-  (framework.py: torch's two-pass float64 statistics and analytic backward).  This is that
+  (normalization.py: torch's two-pass float64 statistics and analytic backward).  This is that
   BatchNorm2d on the global batch: channel sums all-reduced (two passes, float64), unbiased
   running variance over the global count, backward all-reducing ``sum(g)`` and
   ``sum(g * xhat)``; weight and bias gradients local (averaged with the others).
@@ -24,7 +24,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .framework import BatchNorm2d, _batchnorm_affine, from_numpy, jt, scalar, update_
+from .framework import from_numpy, jt, scalar, update_
+from .normalization import BatchNorm2d, _batchnorm_affine
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class _SyncBatchNormTrain(jt.Function):
 
 
 class SyncBatchNorm2d(BatchNorm2d):
-    """framework.BatchNorm2d whose train-mode statistics are those of the global batch."""
+    """normalization.BatchNorm2d whose train-mode statistics are those of the global batch."""
 
     def execute(self, x: jt.Var) -> jt.Var:
         if not (self.is_training() and current_world().active):
@@ -126,7 +127,7 @@ class SyncBatchNorm2d(BatchNorm2d):
 
 
 def convert_sync_batchnorm(model, device: str = "cpu"):
-    """Every framework.BatchNorm2d of ``model`` synced over the MPI world (the frozen BN of
+    """Every normalization.BatchNorm2d of ``model`` synced over the MPI world (the frozen BN of
     the backbone is another class and stays frozen).  The module keeps its state (the
     class is swapped in place, so Sequential children need no re-insertion)."""
     for mod in model.modules():

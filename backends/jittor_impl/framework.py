@@ -2,7 +2,9 @@
 
 Every measured parity pitfall of ``backends/jittor_pitfalls.md`` that RT-DETR
 touches is dealt with here, and every other file of this backend uses these helpers
-instead of the raw Jittor call.  Each helper has its own test against recorded PyTorch
+instead of the raw Jittor call.  Three layers that need more than a helper have files of
+their own: ``normalization`` (BatchNorm2d, LayerNorm), ``attention`` (MultiheadAttention)
+and ``optim`` (AdamW).  Each helper has its own test against recorded PyTorch
 values (tests/test_jittor_pitfalls.py, data in tests/data/pitfalls/).
 
 Import guard (must run before anything else imports jittor):
@@ -43,7 +45,7 @@ import jittor as jt  # noqa: E402
 from jittor import nn  # noqa: E402
 
 jt.flags.cc_flags = jt.flags.cc_flags.replace("-Ofast", "-O2 -fvect-cost-model=dynamic")   # IEEE kernels, like torch
-from . import activation_kernels, batchnorm_kernels, optim_kernels, softmax_kernels  # noqa: E402  (they import jittor: after the guard)
+from . import activation_kernels  # noqa: E402  (it imports jittor: after the guard)
 
 NAME = "jittor"
 DTYPES = {"float32": jt.float32, "float64": jt.float64}
@@ -323,106 +325,6 @@ def grid_sample(value: jt.Var, grid: jt.Var) -> jt.Var:
     return nn.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _batchnorm_affine(x, weight, bias, mu, invstd):
-    """``x * scale + shift`` with scale = weight * invstd, shift = bias - mu * scale: x
-    [N, C, H, W]; weight, bias, mu, invstd [C] (torch's CPU BatchNorm arithmetic)."""
-    scale = weight * invstd
-    shift = bias - mu * scale
-    return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
-
-
-class _BatchNormTrain(jt.Function):
-    """Train-mode ``y = x * scale + shift`` (scale = weight * invstd, shift = bias - mean * scale,
-    the statistics computed and detached by the caller) with torch's analytic backward:
-    dx = weight * invstd * (g - sum(g)/n - xhat * sum(g * xhat)/n), dweight = sum(g * xhat),
-    dbias = sum(g).  Why not autodiff: Jittor's float32 reductions accumulate naively, so a
-    per-channel sum over N*H*W values that cancels (the bias of a BN followed by another
-    train-mode BN has exact gradient 0) left a residue 11x torch's on parity-r50vd's
-    encoder.input_proj.0 (12,800 terms): here the two channel sums run in float64; the
-    elementwise dx stays in x's dtype.  Shapes: x, g [N, C, H, W]; weight, bias, mean,
-    invstd [C]."""
-
-    def execute(self, x, weight, bias, mu, invstd):
-        self.saved = (x, weight, mu, invstd)
-        return _batchnorm_affine(x, weight, bias, mu, invstd)
-
-    def grad(self, g):
-        x, weight, mu, invstd = self.saved
-        if batchnorm_kernels.use_kernels():                                 # the same arithmetic
-            dx, sum_g, sum_gx = batchnorm_kernels.backward(g, x, mu, invstd, weight)
-            return dx, sum_gx.cast(weight.dtype), sum_g.cast(weight.dtype), None, None
-        c = (1, -1, 1, 1)
-        n = scalar(float(x.numel() // x.shape[1]), mu.float64())           # exact count
-        xhat = (x - mu.reshape(c)) * invstd.reshape(c)                     # x's dtype
-        gd = g.float64()
-        sum_g = gd.sum([0, 2, 3])
-        sum_gx = (gd * xhat.float64()).sum([0, 2, 3])
-        a, b = (sum_g / n).cast(x.dtype), (sum_gx / n).cast(x.dtype)
-        dx = (g - a.reshape(c) - xhat * b.reshape(c)) * (weight * invstd).reshape(c)
-        return dx, sum_gx.cast(weight.dtype), sum_g.cast(weight.dtype), None, None
-
-
-class BatchNorm2d(nn.Module):
-    """torch BatchNorm2d (momentum 0.1, eps 1e-5); keys weight, bias, running_mean,
-    running_var; num_batches_tracked is the int ``_num_batches_tracked`` (the adapter
-    exports it as int64).  Jittor's BN takes var = E[x^2] - E[x]^2 in float32 (garbage at
-    large means) and keeps a biased running_var.  Here, like torch's CPU kernel: two-pass
-    float64 statistics, unbiased running_var update, y = x * scale + shift; in train mode
-    torch's analytic backward with float64 channel sums (``_BatchNormTrain``)."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = jt.ones(num_features)
-        self.bias = jt.zeros(num_features)
-        self.running_mean = jt.zeros(num_features).stop_grad()
-        self.running_var = jt.ones(num_features).stop_grad()
-        self._num_batches_tracked = 0
-
-    def execute(self, x: jt.Var) -> jt.Var:
-        # x [N, C, H, W]
-        if self.is_training():
-            mu, var = self._moments(x.detach())                            # float64 [C]
-            n = x.numel() // x.shape[1]
-            m, keep = scalar(self.momentum, mu), scalar(1 - self.momentum, mu)
-            unbias = scalar(n / max(n - 1, 1), mu)
-            rm = keep * self.running_mean.float64() + m * mu
-            rv = keep * self.running_var.float64() + m * (var * unbias)
-            update_(self.running_mean, rm.cast(self.running_mean.dtype))
-            update_(self.running_var, rv.cast(self.running_var.dtype))
-            self._num_batches_tracked += 1
-            invstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
-            return _BatchNormTrain.apply(x, self.weight, self.bias, mu.cast(x.dtype), invstd.detach())
-        invstd = 1.0 / jt.sqrt(self.running_var + scalar(self.eps, self.running_var))
-        return _batchnorm_affine(x, self.weight, self.bias, self.running_mean, invstd)
-
-    @staticmethod
-    def _moments(x: jt.Var):
-        """x [N, C, H, W] (detached) -> (mean, biased variance) float64 [C], two passes in
-        double like torch's CPU kernel (on CPU: ``batchnorm_kernels``, the same sums)."""
-        if batchnorm_kernels.use_kernels():
-            return batchnorm_kernels.moments(x)
-        xd = x.float64()
-        mu = mean(xd, [0, 2, 3])
-        return mu, mean((xd - mu.reshape(1, -1, 1, 1)) ** 2, [0, 2, 3])
-
-
-class LayerNorm(nn.Module):
-    """torch LayerNorm over the last dim.  Jittor's uses E[x^2] - E[x]^2 (8.8e-4 off for
-    offset tokens): two-pass statistics in float64 here."""
-
-    def __init__(self, normalized_shape: int, eps: float = 1e-5):
-        self.normalized_shape, self.eps = normalized_shape, eps
-        self.weight = jt.ones(normalized_shape)
-        self.bias = jt.zeros(normalized_shape)
-
-    def execute(self, x: jt.Var) -> jt.Var:
-        xd = x.float64()
-        mu = mean(xd, -1, keepdims=True)
-        var = mean((xd - mu) ** 2, -1, keepdims=True)
-        rstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
-        return (x - mu.cast(x.dtype)) * rstd * self.weight + self.bias
-
-
 class Embedding(nn.Module):
     """nn.Embedding(num, dim, padding_idx): the padding row is looked up like any other
     (its value is whatever was loaded) but, as in torch, never receives gradient (Jittor
@@ -438,132 +340,3 @@ class Embedding(nn.Module):
         if p is not None:
             w = jt.concat([w[:p], w[p:p + 1].stop_grad(), w[p + 1:]], dim=0)
         return w[idx]
-
-
-class MultiheadAttention(nn.Module):
-    """torch nn.MultiheadAttention(embed_dim, num_heads, dropout, batch_first=True) with
-    need_weights=False (jittor.nn has none; jittor.attention's skips dropout when weights
-    are returned).  Keys in_proj_weight [3E, E], in_proj_bias [3E], out_proj.{weight,bias}.
-    attn_mask: bool [L, S] (True = blocked) or additive float.
-
-    On CPU Jittor turns only 2-D float32 matmuls into a oneDNN GEMM; a 4-D ``jt.matmul``
-    runs as broadcast-multiply-reduce (2.3x slower on the smoke decoder).  So float32 on
-    CPU attends one (batch, head) at a time with 2-D matmuls; float64 (no CPU GEMM: the
-    same reduction either way) and CUDA (batched matmul is cuBLAS) keep the 4-D form."""
-
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, batch_first: bool = True):
-        assert batch_first, "only batch_first=True is used by RT-DETR"
-        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
-        self.head_dim = embed_dim // num_heads
-        self.in_proj_weight = jt.zeros((3 * embed_dim, embed_dim))
-        self.in_proj_bias = jt.zeros((3 * embed_dim,))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.dropout = dropout
-
-    def _probs(self, att, attn_mask):
-        """scaled scores [..., L, S] -> attention probabilities (mask, softmax, dropout)."""
-        if softmax_kernels.use_kernel():                  # mask, softmax and backward in one op
-            bool_mask = attn_mask is not None and attn_mask.dtype == jt.bool
-            if attn_mask is not None and not bool_mask:
-                att = att + attn_mask
-            att = softmax_kernels.masked_softmax(att, attn_mask if bool_mask else None)
-        else:
-            att = self._probs_ops(att, attn_mask)
-        if self.dropout > 0 and self.is_training():       # jittor.nn.dropout defaults to eval
-            att = nn.dropout(att, self.dropout, is_train=True)
-        return att
-
-    @staticmethod
-    def _probs_ops(att, attn_mask):
-        """The softmax of ``_probs`` in Jittor ops (CUDA; RTDETR_JITTOR_SOFTMAX=ops)."""
-        if attn_mask is not None:
-            if attn_mask.dtype == jt.bool:
-                att = jt.where(attn_mask, full_like(att, float("-inf")), att)
-            else:
-                att = att + attn_mask
-        return softmax(att, dim=-1)
-
-    def _attend_batched(self, q, k, v, attn_mask):
-        # q [B, L, E], k/v [B, S, E] -> [B, L, E] via [B, H, L, S] scores
-        b, l, e = q.shape
-        s, h, d = k.shape[1], self.num_heads, self.head_dim
-        q = q.reshape(b, l, h, d).permute(0, 2, 1, 3)
-        k = k.reshape(b, s, h, d).permute(0, 2, 1, 3)
-        v = v.reshape(b, s, h, d).permute(0, 2, 1, 3)
-        att = jt.matmul(q, k.permute(0, 1, 3, 2)) * scalar(1.0 / float(np.sqrt(d)), q)   # [B, H, L, S]
-        return jt.matmul(self._probs(att, attn_mask), v).permute(0, 2, 1, 3).reshape(b, l, e)
-
-    def _attend_2d(self, q, k, v, attn_mask):
-        # same as _attend_batched, every matmul 2-D: [L, d] x [S, d]^T and [L, S] x [S, d]
-        d, scale = self.head_dim, scalar(1.0 / float(np.sqrt(self.head_dim)), q)
-        rows = []
-        for i in range(q.shape[0]):
-            qi, ki, vi = q[i], k[i], v[i]                                 # [L, E], [S, E]
-            heads = []
-            for j in range(self.num_heads):
-                cols = slice(j * d, (j + 1) * d)
-                att = nn.matmul_transpose(qi[:, cols], ki[:, cols]) * scale  # [L, S]
-                heads.append(jt.matmul(self._probs(att, attn_mask), vi[:, cols]))
-            rows.append(jt.concat(heads, dim=1))                          # [L, E]
-        return jt.stack(rows)
-
-    def execute(self, query, key, value, attn_mask=None, need_weights=False):
-        # query [B, L, E], key/value [B, S, E] -> ([B, L, E], None)
-        e = self.embed_dim
-        w, bias = self.in_proj_weight, self.in_proj_bias
-        q = nn.linear(query, w[:e], bias[:e])
-        k = nn.linear(key, w[e:2 * e], bias[e:2 * e])
-        v = nn.linear(value, w[2 * e:], bias[2 * e:])
-        gemm_2d = q.dtype == jt.float32 and not jt.flags.use_cuda
-        out = (self._attend_2d if gemm_2d else self._attend_batched)(q, k, v, attn_mask)
-        return self.out_proj(out), None
-
-
-class AdamW:
-    """torch.optim.AdamW (single-tensor loop) over explicit gradients.  Jittor's AdamW has
-    weight_decay 0 by default, decays parameters without gradient and counts every
-    ``opt.backward()`` as a step.  ``step(grads)``: name -> grad, None = skipped entirely
-    (torch skips grad None); one count per parameter and step.  Groups {"names", "params", ...}."""
-
-    def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
-        self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.param_groups = [{**self.defaults, **g} for g in param_groups]
-        self.state = {}                     # name -> {"step", "exp_avg", "exp_avg_sq"}
-
-    def step(self, grads) -> None:
-        touched, fused, states = [], [], []
-        for g in self.param_groups:
-            lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
-            b1, b2 = g["betas"]
-            for name, p in zip(g["names"], g["params"]):
-                grad = grads.get(name)
-                if grad is None:
-                    continue
-                st = self.state.setdefault(name, {"step": 0, "exp_avg": jt.zeros_like(p).stop_grad(),
-                                                  "exp_avg_sq": jt.zeros_like(p).stop_grad()})
-                st["step"] += 1
-                t = st["step"]
-                # (1 - b1, b2, 1 - b2, sqrt(1 - b2^t), eps, 1 - lr wd, lr / (1 - b1^t))
-                s = (1 - b1, b2, 1 - b2, float(np.sqrt(1 - b2 ** t)), eps, 1 - lr * wd, lr / (1 - b1 ** t))
-                if optim_kernels.use_kernel():             # many parameters per op, below
-                    fused.append((p, grad, st["exp_avg"], st["exp_avg_sq"], s))
-                    states.append(st)
-                    continue
-                c = lambda v: scalar(v, p)                                   # exact in float64
-                m = st["exp_avg"] + (grad - st["exp_avg"]) * c(s[0])         # lerp, as torch
-                v = st["exp_avg_sq"] * c(s[1]) + grad * grad * c(s[2])
-                denom = jt.sqrt(v) / c(s[3]) + c(s[4])
-                new = p * c(s[5]) - m / denom * c(s[6])                      # decay, then step
-                self._store(p, st, new, m, v, touched)
-        if fused:
-            for (p, *_), st, (new, m, v) in zip(fused, states, optim_kernels.adamw_update(fused)):
-                self._store(p, st, new, m, v, touched)
-        jt.sync(touched)
-
-    @staticmethod
-    def _store(p, st, new, m, v, touched) -> None:
-        update_(p, new)
-        update_(st["exp_avg"], m)
-        update_(st["exp_avg_sq"], v)
-        touched += [p, st["exp_avg"], st["exp_avg_sq"]]

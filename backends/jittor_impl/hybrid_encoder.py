@@ -7,10 +7,12 @@ import numpy as np
 from jittor import nn
 
 from . import framework as fw
+from .attention import MultiheadAttention
 from .capture import record
 from .common import ConvNormLayer, Dropout, get_activation
 from .conv import Conv2d
 from .framework import jt
+from .normalization import BatchNorm2d, LayerNorm
 
 
 class RepVggBlock(nn.Module):
@@ -47,12 +49,12 @@ class TransformerEncoderLayer(nn.Module):
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
         self.normalize_before = normalize_before
-        self.self_attn = fw.MultiheadAttention(d_model, nhead, dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = fw.LayerNorm(d_model)
-        self.norm2 = fw.LayerNorm(d_model)
+        self.norm1 = LayerNorm(d_model)
+        self.norm2 = LayerNorm(d_model)
         self.dropout1 = Dropout(dropout)
         self.dropout2 = Dropout(dropout)
         self.activation = get_activation(activation)
@@ -116,7 +118,7 @@ class HybridEncoder(nn.Module):
         self.out_channels = [hidden_dim for _ in self.in_channels]
         self.out_strides = self.feat_strides
         self.input_proj = nn.ModuleList([
-            nn.Sequential(Conv2d(c, hidden_dim, 1, bias=False), fw.BatchNorm2d(hidden_dim))
+            nn.Sequential(Conv2d(c, hidden_dim, 1, bias=False), BatchNorm2d(hidden_dim))
             for c in self.in_channels])
         layer = TransformerEncoderLayer(hidden_dim, nhead=nhead, dim_feedforward=dim_feedforward,
                                         dropout=dropout, activation=enc_act)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import framework as fw
 from . import optim_kernels
-from .framework import jt
+from .framework import jt, scalar, update_
 
 
 def trainable_parameters(model) -> "OrderedDict[str, jt.Var]":
@@ -48,11 +48,11 @@ def build_param_groups(model, cfg) -> List[dict]:
     return groups
 
 
-def build_optimizer(model, cfg) -> fw.AdamW:
+def build_optimizer(model, cfg) -> AdamW:
     o = cfg.optimizer
     if o.type != "AdamW":
         raise ValueError(f"optimizer {o.type!r} not supported (AdamW)")
-    return fw.AdamW(build_param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    return AdamW(build_param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                     weight_decay=o.weight_decay)
 
 
@@ -77,7 +77,7 @@ def clip_grad_norm(grads: Dict[str, jt.Var], max_norm: float) -> float:
     return total
 
 
-def export_optimizer_state(opt: fw.AdamW, names) -> "OrderedDict[str, np.ndarray]":
+def export_optimizer_state(opt: AdamW, names) -> "OrderedDict[str, np.ndarray]":
     """``optimizer.lr.<i>`` float64 [] per group, then for every parameter (``names`` order)
     with AdamW state ``optimizer.state.<name>.{step (int64 []), exp_avg, exp_avg_sq}``."""
     out = OrderedDict((f"optimizer.lr.{i}", np.array(float(g["lr"]), dtype=np.float64))
@@ -91,7 +91,7 @@ def export_optimizer_state(opt: fw.AdamW, names) -> "OrderedDict[str, np.ndarray
     return out
 
 
-def parse_optimizer_state(opt: fw.AdamW, state, shapes) -> tuple:
+def parse_optimizer_state(opt: AdamW, state, shapes) -> tuple:
     """Split ``export_optimizer_state`` keys of ``state`` -> (lrs {i: lr}, moments {name:
     {step, exp_avg, exp_avg_sq}}, problems); ``shapes``: trainable name -> shape."""
     lrs, moments, problems = {}, {}, []
@@ -114,7 +114,7 @@ def parse_optimizer_state(opt: fw.AdamW, state, shapes) -> tuple:
     return lrs, moments, problems
 
 
-def load_optimizer_state(opt: fw.AdamW, lrs, moments, dtype: str) -> None:
+def load_optimizer_state(opt: AdamW, lrs, moments, dtype: str) -> None:
     for i, g in enumerate(opt.param_groups):
         g["lr"] = lrs[i]
     opt.state.clear()
@@ -122,3 +122,53 @@ def load_optimizer_state(opt: fw.AdamW, lrs, moments, dtype: str) -> None:
         opt.state[name] = {"step": int(m["step"]),
                            "exp_avg": fw.constant(m["exp_avg"], dtype),
                            "exp_avg_sq": fw.constant(m["exp_avg_sq"], dtype)}
+
+
+class AdamW:
+    """torch.optim.AdamW (single-tensor loop) over explicit gradients.  Jittor's AdamW has
+    weight_decay 0 by default, decays parameters without gradient and counts every
+    ``opt.backward()`` as a step.  ``step(grads)``: name -> grad, None = skipped entirely
+    (torch skips grad None); one count per parameter and step.  Groups {"names", "params", ...}."""
+
+    def __init__(self, param_groups, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.param_groups = [{**self.defaults, **g} for g in param_groups]
+        self.state = {}                     # name -> {"step", "exp_avg", "exp_avg_sq"}
+
+    def step(self, grads) -> None:
+        touched, fused, states = [], [], []
+        for g in self.param_groups:
+            lr, wd, eps = g["lr"], g["weight_decay"], g["eps"]
+            b1, b2 = g["betas"]
+            for name, p in zip(g["names"], g["params"]):
+                grad = grads.get(name)
+                if grad is None:
+                    continue
+                st = self.state.setdefault(name, {"step": 0, "exp_avg": jt.zeros_like(p).stop_grad(),
+                                                  "exp_avg_sq": jt.zeros_like(p).stop_grad()})
+                st["step"] += 1
+                t = st["step"]
+                # (1 - b1, b2, 1 - b2, sqrt(1 - b2^t), eps, 1 - lr wd, lr / (1 - b1^t))
+                s = (1 - b1, b2, 1 - b2, float(np.sqrt(1 - b2 ** t)), eps, 1 - lr * wd, lr / (1 - b1 ** t))
+                if optim_kernels.use_kernel():             # many parameters per op, below
+                    fused.append((p, grad, st["exp_avg"], st["exp_avg_sq"], s))
+                    states.append(st)
+                    continue
+                c = lambda v: scalar(v, p)                                   # exact in float64
+                m = st["exp_avg"] + (grad - st["exp_avg"]) * c(s[0])         # lerp, as torch
+                v = st["exp_avg_sq"] * c(s[1]) + grad * grad * c(s[2])
+                denom = jt.sqrt(v) / c(s[3]) + c(s[4])
+                new = p * c(s[5]) - m / denom * c(s[6])                      # decay, then step
+                self._store(p, st, new, m, v, touched)
+        if fused:
+            for (p, *_), st, (new, m, v) in zip(fused, states, optim_kernels.adamw_update(fused)):
+                self._store(p, st, new, m, v, touched)
+        jt.sync(touched)
+
+    @staticmethod
+    def _store(p, st, new, m, v, touched) -> None:
+        update_(p, new)
+        update_(st["exp_avg"], m)
+        update_(st["exp_avg_sq"], v)
+        touched += [p, st["exp_avg"], st["exp_avg_sq"]]

@@ -8,6 +8,7 @@ from jittor import nn
 from . import framework as fw
 from .capture import record
 from .common import ConvNormLayer, FrozenBatchNorm2d, get_activation
+from .normalization import BatchNorm2d
 
 ResNet_cfg = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
@@ -118,7 +119,7 @@ class PResNet(nn.Module):
     def _freeze_norm(self, m: nn.Module) -> nn.Module:
         """Swap every BatchNorm2d child for a FrozenBatchNorm2d (recursively)."""
         for name, child in list(m.named_children()):
-            if isinstance(child, fw.BatchNorm2d):
+            if isinstance(child, BatchNorm2d):
                 new = FrozenBatchNorm2d(child.num_features)
                 if isinstance(m, nn.Sequential):
                     m.layers[name] = new

@@ -8,12 +8,14 @@ import numpy as np
 from jittor import nn
 
 from . import framework as fw
+from .attention import MultiheadAttention
 from .capture import is_recording, note_decision, record, wants_evidence
 from .common import MLP, Dropout, inverse_sigmoid
 from .conv import Conv2d
 from .deformable_attention import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group
 from .framework import jt
+from .normalization import BatchNorm2d, LayerNorm
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -21,18 +23,18 @@ class TransformerDecoderLayer(nn.Module):
 
     def __init__(self, d_model=256, n_head=8, dim_feedforward=1024, dropout=0.0, activation="relu",
                  n_levels=4, n_points=4):
-        self.self_attn = fw.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
         self.dropout1 = Dropout(dropout)
-        self.norm1 = fw.LayerNorm(d_model)
+        self.norm1 = LayerNorm(d_model)
         self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points)
         self.dropout2 = Dropout(dropout)
-        self.norm2 = fw.LayerNorm(d_model)
+        self.norm2 = LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         assert activation == "relu", "official decoder layer uses F.relu"
         self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = Dropout(dropout)
-        self.norm3 = fw.LayerNorm(d_model)
+        self.norm3 = LayerNorm(d_model)
 
     @staticmethod
     def with_pos_embed(tensor, pos):
@@ -129,7 +131,7 @@ class RTDETRTransformer(nn.Module):
         if learnt_init_query:
             self.tgt_embed = fw.Embedding(num_queries, hidden_dim)
         self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, num_layers=2)
-        self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), fw.LayerNorm(hidden_dim))
+        self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), LayerNorm(hidden_dim))
         self.enc_score_head = nn.Linear(hidden_dim, num_classes)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, num_layers=3)
         self.dec_score_head = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_decoder_layers)])
@@ -141,12 +143,12 @@ class RTDETRTransformer(nn.Module):
         for c in feat_channels:
             self.input_proj.append(nn.Sequential(OrderedDict([
                 ("conv", Conv2d(c, self.hidden_dim, 1, bias=False)),
-                ("norm", fw.BatchNorm2d(self.hidden_dim))])))
+                ("norm", BatchNorm2d(self.hidden_dim))])))
         c = feat_channels[-1]
         for _ in range(self.num_levels - len(feat_channels)):
             self.input_proj.append(nn.Sequential(OrderedDict([
                 ("conv", Conv2d(c, self.hidden_dim, 3, 2, padding=1, bias=False)),
-                ("norm", fw.BatchNorm2d(self.hidden_dim))])))
+                ("norm", BatchNorm2d(self.hidden_dim))])))
             c = self.hidden_dim
 
     def _get_encoder_input(self, feats):

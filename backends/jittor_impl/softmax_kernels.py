@@ -1,4 +1,4 @@
-"""CPU kernel for the attention softmax of ``framework.MultiheadAttention``.
+"""CPU kernel for the attention softmax of ``attention.MultiheadAttention``.
 
 Written with Jittor ops, a masked softmax over a [500, 500] decoder attention matrix is a
 ``where`` + max + exp/sum + divide forward and four more fused kernels backward (autodiff

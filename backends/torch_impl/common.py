@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .framework import BatchNorm2d
+from .normalization import BatchNorm2d
 
 
 def get_activation(act, inplace: bool = True) -> nn.Module:

@@ -145,7 +145,7 @@ def convert_sync_batchnorm(model: nn.Module, device: str = "cpu") -> nn.Module:
     if device == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):   # framework.BatchNorm2d too
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):   # normalization.BatchNorm2d too
             new = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
                                   child.track_running_stats, device="meta")
             # the very same Parameters and buffers (as torch's convert_sync_batchnorm): an

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import MultiheadAttention
 from .capture import record
 from .common import ConvNormLayer, get_activation
-from .framework import BatchNorm2d, LayerNorm, MultiheadAttention
+from .normalization import BatchNorm2d, LayerNorm
 
 
 class RepVggBlock(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .capture import record
 from .common import ConvNormLayer, FrozenBatchNorm2d, get_activation
-from .framework import BatchNorm2d
+from .normalization import BatchNorm2d
 
 RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 

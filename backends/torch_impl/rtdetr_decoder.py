@@ -11,11 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import MultiheadAttention
 from .capture import active, note_decision, record, wants_evidence
 from .common import MLP, inverse_sigmoid
 from .deformable_attention import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group
-from .framework import BatchNorm2d, Embedding, LayerNorm, MultiheadAttention, topk
+from .framework import Embedding, topk
+from .normalization import BatchNorm2d, LayerNorm
 
 
 class TransformerDecoderLayer(nn.Module):

@@ -134,11 +134,9 @@ def _patch_bn_momentum(backend: str, momentum: float) -> str:
     """Wrap the backend's BatchNorm2d constructor so every instance built afterwards keeps
     ``momentum`` (both classes read ``self.momentum`` in their train-mode update)."""
     if backend == "jittor":
-        from backends.jittor_impl import framework as fw
-        cls = fw.BatchNorm2d
+        from backends.jittor_impl.normalization import BatchNorm2d as cls
     else:
-        from backends.torch_impl import framework as fw
-        cls = fw.BatchNorm2d
+        from backends.torch_impl.normalization import BatchNorm2d as cls
     init = cls.__init__
 
     def patched(self, *a, _init=init, **kw):
@@ -177,8 +175,7 @@ def _patch_lr_scale(backend: str, scale: float) -> str:
     """Every AdamW step uses scale x each group's lr; the groups' lr is restored after the
     step, so schedules and the exported optimiser state are untouched."""
     if backend == "jittor":
-        from backends.jittor_impl import framework as fw
-        cls = fw.AdamW
+        from backends.jittor_impl.optim import AdamW as cls
     else:
         import torch
         cls = torch.optim.AdamW
