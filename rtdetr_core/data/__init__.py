@@ -4,6 +4,7 @@
   ``open_split`` (real COCO layout), ``DataError``;
 * :mod:`.categories` — ``CategoryMap`` (category ids ⇄ labels 0..K-1), COCO's 80 ids;
 * :mod:`.synthetic` — the bundled synthetic dataset (``ensure_synthetic_dataset``, ``describe``);
+* :mod:`.synthetic_draw` — one synthetic image and its exact boxes (``draw_image``);
 * :mod:`.loader` — seeded epoch order, batching, multi-scale and denoising draws;
 * :mod:`.source` — ``resolve_data``: ``--data`` (None, ``synthetic:SEED:N_TRAIN:N_VAL`` or a folder) to a folder.
 """
