@@ -11,8 +11,9 @@ import pytest
 
 from conftest import HAS_JITTOR
 from rtdetr_core.param_spec import param_spec
-from test_weights_convert import _Evil, assert_bit_exact, seeded
+from test_weights_convert_cli import _Evil
 from weights_convert import WeightsError, read_weights, write_weights
+from weights_helpers import assert_bit_exact, seeded
 
 pytestmark = pytest.mark.jittor
 # This file's name (test_weights_*) gets it collected in both environments; its tests are

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import HAS_TORCH, REPO, env_python
-from test_weights_convert import assert_bit_exact, assert_user_error, files_in, run_cli, seeded
 from weights_convert import WeightsError, read_weights, write_weights
+from weights_helpers import assert_bit_exact, assert_user_error, files_in, run_cli, seeded
 
 pytestmark = pytest.mark.torch
 # This file's name (test_weights_*) gets it collected in both environments; its tests are
@@ -50,8 +50,8 @@ os.environ["nvcc_path"] = ""
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 import jittor as jt
-from rtdetr_core.param_spec import param_spec
 from rtdetr_core.init import seeded_weights
+from rtdetr_core.param_spec import param_spec
 preset, src, dst = sys.argv[2:5]
 
 class Node(jt.nn.Module):
