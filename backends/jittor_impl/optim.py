@@ -53,7 +53,7 @@ def build_optimizer(model, cfg) -> AdamW:
     if o.type != "AdamW":
         raise ValueError(f"optimizer {o.type!r} not supported (AdamW)")
     return AdamW(build_param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                    weight_decay=o.weight_decay)
+                 weight_decay=o.weight_decay)
 
 
 def clip_grad_norm(grads: Dict[str, jt.Var], max_norm: float) -> float:

@@ -1,11 +1,11 @@
 """The one place where framework differences are handled (PyTorch side).
 
 The Jittor backend needs real work here (import guard, padding-safe embedding, stable
-sigmoid; its normalisation layers, attention and AdamW have files of their own, mirrored
-on this side by ``normalization.py`` and ``attention.py``, and ``optim.py`` uses
-``torch.optim.AdamW``).  PyTorch already does all of that, so this file
-only exposes the same names as thin aliases; every other file of the backend imports
-these names instead of reaching for framework specifics, so the two trees read alike.
+sigmoid).  PyTorch already does all of that, so this file only exposes the same names as
+thin aliases; every other file of the backend imports these names instead of reaching for
+framework specifics, so the two trees read alike.  Normalisation layers and attention have
+files of their own on both sides (``normalization.py``, ``attention.py``); the optimiser
+is in ``optim.py`` (``torch.optim.AdamW`` here).
 """
 from __future__ import annotations
 
