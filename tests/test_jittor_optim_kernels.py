@@ -12,7 +12,7 @@ pytestmark = pytest.mark.jittor
 
 from backends.jittor_impl import optim_kernels as ok  # noqa: E402
 from backends.jittor_impl import framework as fw  # noqa: E402
-from backends.jittor_impl.optim import AdamW  # noqa: E402
+from backends.jittor_impl.optim import AdamW, clip_grad_norm  # noqa: E402
 
 jt = fw.jt
 DATA = os.path.join(os.path.dirname(__file__), "data", "pitfalls")
@@ -23,8 +23,8 @@ def _torch_case(dtype):
     r = np.load(os.path.join(DATA, "adamw_update.npz"))
     ps = [fw.from_numpy(r[f"{dtype}_p0_{i}"]) for i in range(2)]
     opt = AdamW([{"names": ["a"], "params": ps[:1]},
-                    {"names": ["b"], "params": ps[1:], "lr": 3e-3, "weight_decay": 0.0}],
-                   lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+                 {"names": ["b"], "params": ps[1:], "lr": 3e-3, "weight_decay": 0.0}],
+                lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     for i, n in enumerate("ab"):
         opt.state[n] = {"step": 2, "exp_avg": fw.from_numpy(r[f"{dtype}_m0_{i}"]),
                         "exp_avg_sq": fw.from_numpy(r[f"{dtype}_v0_{i}"])}
@@ -63,8 +63,8 @@ def _three_steps(dtype, impl, monkeypatch):
     ps = [fw.from_numpy(r.standard_normal(s).astype(dtype)) for s in shapes]
     names = [f"p{i}" for i in range(len(ps))]
     opt = AdamW([{"names": names[:30], "params": ps[:30], "weight_decay": 0.05},
-                    {"names": names[30:], "params": ps[30:], "lr": 1e-3, "weight_decay": 0.0}],
-                   lr=0.1, weight_decay=1e-4)
+                 {"names": names[30:], "params": ps[30:], "lr": 1e-3, "weight_decay": 0.0}],
+                lr=0.1, weight_decay=1e-4)
     for step in range(3):
         opt.step({n: None if (step == 1 and i % 7 == 3) else fw.from_numpy(r.standard_normal(shapes[i]).astype(dtype))
                   for i, n in enumerate(names)})
@@ -109,7 +109,6 @@ def test_kernel_is_one_op_per_chunk(monkeypatch):
 def test_grad_norms_equal_ops_path_and_clip(dtype, monkeypatch):
     """The norms kernel gives the ops path's bits (double sums in index order), over two
     chunks; clip_grad_norm returns the same total and clips the same either way."""
-    from backends.jittor_impl.optim import clip_grad_norm
     r = np.random.default_rng(3)
     shapes = [(3, 4), (20000,), (16, 3, 3, 3), (1,)] * 20
     arrays = [r.standard_normal(s).astype(dtype) for s in shapes]

@@ -14,7 +14,7 @@ from conftest import DATA, REPO
 from backends.jittor_impl import framework as fw
 from backends.jittor_impl.attention import MultiheadAttention
 from backends.jittor_impl.normalization import BatchNorm2d, LayerNorm
-from backends.jittor_impl.optim import AdamW
+from backends.jittor_impl.optim import AdamW, clip_grad_norm
 
 jt = fw.jt
 pytestmark = pytest.mark.jittor
@@ -113,9 +113,8 @@ def test_adamw_and_clip_like_torch():
     ps = [fw.from_numpy(r[f"p0_{i}"]) for i in range(3)]
     names = ["a", "b", "c"]
     opt = AdamW([{"names": names[:2], "params": ps[:2], "weight_decay": 0.05},
-                    {"names": names[2:], "params": ps[2:], "lr": 1e-3, "weight_decay": 0.0}],
-                   lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
-    from backends.jittor_impl.optim import clip_grad_norm
+                 {"names": names[2:], "params": ps[2:], "lr": 1e-3, "weight_decay": 0.0}],
+                lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     for s in range(3):
         grads = {n: (None if (s == 1 and i == 1) else fw.from_numpy(r[f"g{s}_{i}"])) for i, n in enumerate(names)}
         norm = clip_grad_norm(grads, 0.5)
@@ -360,11 +359,10 @@ def test_float64_constants_are_exact():
     # inverse_sigmoid: clamp bounds at eps = 1e-5 exactly
     close(inverse_sigmoid(v(r["inv_x"])), r["inv_y"], atol=1e-13)
     # AdamW + clip_grad_norm, 3 steps, group overrides
-    from backends.jittor_impl.optim import clip_grad_norm
     ps = [v(r[f"p0_{i}"]) for i in range(2)]
     opt = AdamW([{"names": ["a"], "params": ps[:1]},
-                    {"names": ["b"], "params": ps[1:], "lr": 3e-4, "weight_decay": 0.0}],
-                   lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+                 {"names": ["b"], "params": ps[1:], "lr": 3e-4, "weight_decay": 0.0}],
+                lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     for s in range(3):
         grads = {n: v(r[f"g{s}_{i}"]) for i, n in enumerate("ab")}
         assert abs(clip_grad_norm(grads, 0.1) - r["norms"][s]) <= 1e-13 * r["norms"][s]

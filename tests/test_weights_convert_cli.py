@@ -89,18 +89,14 @@ def _make_case(tmp_path, case):
         blob = dumps_jittor(w)
         (tmp_path / "src.pkl").write_bytes(blob[: len(blob) // 2])
         return tmp_path / "src.pkl", "smoke", "truncated or corrupted"
-    if case == "truncated-safetensors":
-        write_weights(tmp_path / "full.safetensors", w)
-        blob = (tmp_path / "full.safetensors").read_bytes()
-        (tmp_path / "full.safetensors").unlink()
-        (tmp_path / "src.safetensors").write_bytes(blob[: len(blob) // 2])
-        return tmp_path / "src.safetensors", "smoke", "cannot read safetensors file"
-    if case == "truncated-npz":
-        write_weights(tmp_path / "full.npz", w)
-        blob = (tmp_path / "full.npz").read_bytes()
-        (tmp_path / "full.npz").unlink()
-        (tmp_path / "src.npz").write_bytes(blob[: len(blob) // 2])
-        return tmp_path / "src.npz", "smoke", "cannot read npz file"
+    if case in ("truncated-safetensors", "truncated-npz"):
+        ext = case.split("-")[1]
+        full, src = tmp_path / f"full.{ext}", tmp_path / f"src.{ext}"
+        write_weights(full, w)
+        blob = full.read_bytes()
+        full.unlink()
+        src.write_bytes(blob[: len(blob) // 2])
+        return src, "smoke", f"cannot read {ext} file"
     if case == "wrong-preset":
         write_weights(tmp_path / "src.npz", w)
         return tmp_path / "src.npz", "r18vd", "do not match config 'r18vd'"
