@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .framework import from_numpy, jt, scalar, update_
-from .normalization import BatchNorm2d, _batchnorm_affine
+from .normalization import BatchNorm2d, batchnorm_affine
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class _SyncBatchNormTrain(jt.Function):
 
     def execute(self, x, weight, bias, mu, invstd, n):
         self.saved = (x, weight, mu, invstd, n)
-        return _batchnorm_affine(x, weight, bias, mu, invstd)
+        return batchnorm_affine(x, weight, bias, mu, invstd)
 
     def grad(self, g):
         x, weight, mu, invstd, n = self.saved

@@ -13,7 +13,7 @@ from . import batchnorm_kernels
 from .framework import jt, mean, scalar, update_
 
 
-def _batchnorm_affine(x, weight, bias, mu, invstd):
+def batchnorm_affine(x, weight, bias, mu, invstd):
     """``x * scale + shift`` with scale = weight * invstd, shift = bias - mu * scale: x
     [N, C, H, W]; weight, bias, mu, invstd [C] (torch's CPU BatchNorm arithmetic)."""
     scale = weight * invstd
@@ -34,7 +34,7 @@ class _BatchNormTrain(jt.Function):
 
     def execute(self, x, weight, bias, mu, invstd):
         self.saved = (x, weight, mu, invstd)
-        return _batchnorm_affine(x, weight, bias, mu, invstd)
+        return batchnorm_affine(x, weight, bias, mu, invstd)
 
     def grad(self, g):
         x, weight, mu, invstd = self.saved
@@ -83,7 +83,7 @@ class BatchNorm2d(nn.Module):
             invstd = (1.0 / jt.sqrt(var + scalar(self.eps, var))).cast(x.dtype)
             return _BatchNormTrain.apply(x, self.weight, self.bias, mu.cast(x.dtype), invstd.detach())
         invstd = 1.0 / jt.sqrt(self.running_var + scalar(self.eps, self.running_var))
-        return _batchnorm_affine(x, self.weight, self.bias, self.running_mean, invstd)
+        return batchnorm_affine(x, self.weight, self.bias, self.running_mean, invstd)
 
     @staticmethod
     def _moments(x: jt.Var):
